@@ -1,0 +1,233 @@
+"""Metrics of scaled LoRSum: K-FAC and Shampoo statistics from ``(X, S)``, their running averages,
+damping and fractional power, and the preconditioning of a factored gradient term.
+
+A linear layer with inputs ``X (N, n)`` and output-gradients ``S (N, m)`` has the gradient
+``G = SᵀX (m, n)``. Its Kronecker metric is ``M_out ⊗ M_in`` with ``M_out (m)`` on the output side
+and ``M_in (n)`` on the input side, each kept as a vector (diagonal) or a matrix (dense). Scaled
+LoRSum then fits ``B A`` to ``B0A0 − lr · M_out⁻¹ G M_in⁻¹`` in the norm weighted by the metric.
+Reference: ``shared/spec/lorsum.md`` §3 and §5.3.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lorsum.functional.linalg import default_compute_dtype
+from lorsum.functional.terms import _check_matrix
+
+__all__ = [
+    "bias_corrected",
+    "kfac_statistics",
+    "metric_power",
+    "precondition_pair",
+    "running_average_",
+    "shampoo_statistics",
+]
+
+LossReduction = Literal["mean", "sum"]
+
+
+def kfac_statistics(
+    inputs: Tensor,  # X (N, n)
+    output_grads: Tensor,  # S (N, m)
+    *,
+    diagonal: bool = True,
+    loss_reduction: LossReduction = "mean",
+) -> tuple[Tensor, Tensor]:
+    """K-FAC statistics of one batch: ``(a·SᵀS, XᵀX / N)``, or their diagonals.
+
+    The input side is the second moment of the layer inputs, ``E[x xᵀ] = XᵀX / N``. The output side
+    estimates the second moment of the *per-row* output-gradients: with a mean-reduced loss each
+    row of ``S`` carries a factor ``1/N``, so ``a = N`` undoes it (``N Σ s sᵀ = E[ŝ ŝᵀ]``); with a
+    sum-reduced loss ``a = 1/N``. This is the reference code's scaling (spec §5.3); a constant
+    factor is absorbed by the damping and the learning rate anyway.
+
+    Args:
+        inputs: ``X (N, n)``, rows are tokens or samples.
+        output_grads: ``S (N, m)``, the gradient of the loss with respect to the layer output.
+        diagonal: return the diagonals ``(m,)`` and ``(n,)`` (default) instead of the matrices.
+        loss_reduction: ``"mean"`` (default) or ``"sum"``: how the loss was reduced over rows.
+
+    Returns:
+        ``(out (m,) or (m, m), in (n,) or (n, n))`` in at least float32.
+    """
+    X, S, scale = _check_batch(inputs, output_grads, loss_reduction)
+    N = X.shape[0]
+    if diagonal:
+        return scale * S.square().sum(0), X.square().sum(0) / N
+    return scale * (S.mT @ S), (X.mT @ X) / N
+
+
+def shampoo_statistics(
+    inputs: Tensor,  # X (N, n)
+    output_grads: Tensor,  # S (N, m)
+    *,
+    diagonal: bool = True,
+    loss_reduction: LossReduction = "mean",
+) -> tuple[Tensor, Tensor]:
+    """Shampoo statistics of one batch: ``(a·G Gᵀ, a·GᵀG)`` with ``G = SᵀX``, or their diagonals.
+
+    ``a`` is the row scaling of :func:`kfac_statistics` (spec §5.3). The diagonals are computed
+    without ever holding ``G``: through the ``N × N`` Grams ``SSᵀ`` and ``XXᵀ`` when that is
+    cheaper (``2N(m + n) < m n``), otherwise from column blocks of ``G`` no larger than the inputs;
+    either way the temporaries stay within ``N (m + n)`` elements. The dense matrices are at least
+    as large as ``G`` itself, so there ``G`` is formed once.
+
+    Args and Returns: as :func:`kfac_statistics`.
+    """
+    X, S, scale = _check_batch(inputs, output_grads, loss_reduction)
+    N, n = X.shape
+    m = S.shape[1]
+    if not diagonal:
+        G = S.mT @ X
+        return scale * (G @ G.mT), scale * (G.mT @ G)
+    if 2 * N * (m + n) < m * n:
+        # GᵀG = Xᵀ(SSᵀ)X, so diag(GᵀG) = colsum(X ∘ (SSᵀ X)); likewise diag(GGᵀ) with XXᵀ.
+        in_diag = (X * ((S @ S.mT) @ X)).sum(0)
+        out_diag = (S * ((X @ X.mT) @ S)).sum(0)
+        return scale * out_diag, scale * in_diag
+    in_diag = X.new_empty(n)
+    out_diag = X.new_zeros(m)
+    block = max(1, (N * (m + n)) // m)  # keeps each G block (m, block) within the input size
+    for start in range(0, n, block):
+        G_block = S.mT @ X[:, start : start + block]  # G[:, block]   (m, b)
+        squares = G_block.square()
+        in_diag[start : start + block] = squares.sum(0)
+        out_diag += squares.sum(1)
+    return scale * out_diag, scale * in_diag
+
+
+def running_average_(average: Tensor, new: Tensor, beta: float) -> Tensor:
+    """In place: ``average ← β·average + (1 − β)·new``; returns ``average``.
+
+    Start ``average`` at zero and divide by ``1 − β^t`` (:func:`bias_corrected`) to get an unbiased
+    average after ``t`` updates.
+    """
+    _check_beta(beta)
+    if average.shape != new.shape:
+        raise ValueError(
+            f"running average has shape {tuple(average.shape)} but the new statistic "
+            f"{tuple(new.shape)}"
+        )
+    return average.mul_(beta).add_(new.to(average.dtype), alpha=1.0 - beta)
+
+
+def bias_corrected(average: Tensor, beta: float, step: int) -> Tensor:
+    """``average / (1 − β^step)``: the zero-started running average made unbiased (Adam's rule)."""
+    _check_beta(beta)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"Invalid step: {step!r} (must be an int >= 1)")
+    return average / (1.0 - beta**step)
+
+
+def metric_power(statistic: Tensor, *, damping: float, power: float) -> Tensor:
+    """``(C + δI)^p`` for a statistic ``C``: a vector (diagonal) or a symmetric PSD matrix.
+
+    The damping is added before the power (spec §5.3). ``p = 0.5`` turns the preconditioned step
+    ``M_out⁻¹ G M_in⁻¹`` into an RMS-normalised, Adam-like direction; ``p = 1`` is K-FAC's natural
+    gradient; ``p < 0`` gives inverse powers. Negative eigenvalues that rounding leaves in a PSD
+    statistic are clamped to zero. Dense matrices go through ``eigh`` in at least float32.
+
+    Args:
+        statistic: ``(d,)`` or ``(d, d)``.
+        damping: ``δ >= 0``; must be positive when ``p < 0``.
+        power: ``p``, a finite real number.
+
+    Returns:
+        A tensor of the shape of ``statistic`` in at least float32.
+    """
+    if not isinstance(statistic, Tensor) or statistic.ndim not in (1, 2):
+        raise ValueError(
+            "statistic must be a vector (diagonal) or a square matrix, got "
+            f"{getattr(statistic, 'shape', type(statistic).__name__)}"
+        )
+    if statistic.ndim == 2 and statistic.shape[0] != statistic.shape[1]:
+        raise ValueError(f"a dense statistic must be square, got shape {tuple(statistic.shape)}")
+    for name, value in (("damping", damping), ("power", power)):
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise ValueError(f"Invalid {name}: {value!r} (must be a finite real number)")
+    if damping < 0:
+        raise ValueError(f"Invalid damping: {damping} (must be >= 0)")
+    if power < 0 and damping == 0:
+        raise ValueError(f"power {power} < 0 needs damping > 0, or a zero statistic gives inf")
+    C = statistic.to(default_compute_dtype(statistic))
+    if C.ndim == 1:
+        return (C.clamp_min(0) + damping).pow(power)
+    eigvals, V = torch.linalg.eigh(0.5 * (C + C.mT))
+    return (V * (eigvals.clamp_min(0) + damping).pow(power)) @ V.mT
+
+
+def precondition_pair(
+    left: Tensor,  # P (m, k)
+    right: Tensor,  # Q (k, n)
+    metric_out: Tensor | None,  # (m,) or (m, m)
+    metric_in: Tensor | None,  # (n,) or (n, n)
+) -> tuple[Tensor, Tensor]:
+    """``(M_out⁻¹ P, Q M_in⁻¹)``: the term ``P Q`` preconditioned on both sides, still factored.
+
+    For the gradient term ``(Sᵀ, X)`` this is ``M_out⁻¹ G M_in⁻¹`` without forming ``G``. Diagonal
+    metrics divide rows and columns; dense (SPD) metrics are solved by Cholesky. ``None`` is the
+    identity. Cost: ``O(k (m + n))`` diagonal, ``O(m³ + n³ + k (m² + n²))`` dense.
+
+    Raises:
+        ValueError: shapes that do not match, or a dense metric that is not positive definite.
+    """
+    P = _check_matrix("left", left)
+    Q = _check_matrix("right", right)
+    if P.shape[1] != Q.shape[0]:
+        raise ValueError(f"left {tuple(P.shape)} and right {tuple(Q.shape)} do not chain")
+    P_new = _solve_metric("metric_out", metric_out, P)
+    Q_new = _solve_metric("metric_in", metric_in, Q.mT).mT
+    return P_new, Q_new
+
+
+def _solve_metric(name: str, metric: Tensor | None, X: Tensor) -> Tensor:
+    """``M⁻¹ X`` for ``X (d, k)`` and a diagonal or dense SPD metric ``M``."""
+    if metric is None:
+        return X
+    d = X.shape[0]
+    if not isinstance(metric, Tensor) or tuple(metric.shape) not in ((d,), (d, d)):
+        raise ValueError(
+            f"{name} has shape {tuple(getattr(metric, 'shape', ()))}; expected ({d},) or ({d}, {d})"
+        )
+    dtype = default_compute_dtype(metric, X)
+    M, X = metric.to(dtype), X.to(dtype)
+    if M.ndim == 1:
+        return X / M.unsqueeze(-1)
+    L, info = torch.linalg.cholesky_ex(M)
+    if bool(info.any()):
+        raise ValueError(
+            f"{name} is not positive definite (Cholesky failed at column {int(info)}); "
+            "add damping to the statistic before taking its power"
+        )
+    return torch.cholesky_solve(X, L)
+
+
+def _check_batch(
+    inputs: Tensor, output_grads: Tensor, loss_reduction: str
+) -> tuple[Tensor, Tensor, float]:
+    X = _check_matrix("inputs", inputs)
+    S = _check_matrix("output_grads", output_grads)
+    if X.shape[0] != S.shape[0]:
+        raise ValueError(
+            f"inputs has {X.shape[0]} rows but output_grads has {S.shape[0]}; "
+            "rows must be the same tokens"
+        )
+    if X.shape[0] == 0:
+        raise ValueError("the batch is empty (0 rows)")
+    if loss_reduction not in ("mean", "sum"):
+        raise ValueError(f"Invalid loss_reduction: {loss_reduction!r} (must be 'mean' or 'sum')")
+    N = X.shape[0]
+    dtype = default_compute_dtype(X, S)
+    scale = float(N) if loss_reduction == "mean" else 1.0 / N
+    return X.to(dtype), S.to(dtype), scale
+
+
+def _check_beta(beta: object) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, Real) or not 0.0 <= beta < 1.0:
+        raise ValueError(f"Invalid beta: {beta!r} (must satisfy 0 <= beta < 1)")

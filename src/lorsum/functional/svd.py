@@ -1,0 +1,116 @@
+"""Truncated SVD: the dense Eckart–Young projection (SVDLoRA, oracles) and a randomized one.
+
+``best_rank_r`` and ``truncated_svd`` are dense by name: they take an ``(m, n)`` matrix. The
+randomized variant only multiplies its target by thin matrices, so it also runs on a
+:class:`~lorsum.functional.terms.FactoredSum` without forming it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lorsum.functional.linalg import default_compute_dtype
+from lorsum.functional.terms import FactoredSum, _check_matrix
+
+__all__ = ["balanced_factors", "best_rank_r", "randomized_svd", "truncated_svd"]
+
+
+def truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-``rank`` singular triplets of a dense matrix.
+
+    Args:
+        M: ``(m, n)`` dense matrix.
+        rank: ``1 <= rank``; values above ``min(m, n)`` keep every triplet.
+
+    Returns:
+        ``U (m, k)``, ``S (k,)`` (descending), ``Vh (k, n)`` with ``k = min(rank, m, n)``, in
+        the dtype of ``M`` (computed in at least float32).
+
+    Raises:
+        ValueError: ``M`` not 2-d, or ``rank < 1``.
+    """
+    M = _check_matrix("M", M)
+    _check_rank(rank)
+    U, S, Vh = torch.linalg.svd(M.to(default_compute_dtype(M)), full_matrices=False)
+    k = min(rank, S.shape[0])
+    return U[:, :k].to(M.dtype), S[:k].to(M.dtype), Vh[:k].to(M.dtype)
+
+
+def best_rank_r(M: Tensor, rank: int) -> Tensor:
+    """``Π_r(M)``: the best rank-``rank`` approximation of ``M`` in Frobenius norm (Eckart–Young).
+
+    Dense: takes and returns an ``(m, n)`` matrix and runs a full SVD, ``O(m n min(m, n))``.
+    This is SVDLoRA's projection and the oracle every LoRSum test compares against.
+    """
+    U, S, Vh = truncated_svd(M, rank)
+    return (U * S) @ Vh
+
+
+def balanced_factors(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Split ``U diag(S) Vh`` into LoRA factors ``B = U S^½ (m, k)`` and ``A = S^½ Vh (k, n)``."""
+    root = S.clamp_min(0).sqrt()
+    return U * root, root.unsqueeze(-1) * Vh
+
+
+def randomized_svd(
+    target: Tensor | FactoredSum,
+    rank: int,
+    *,
+    oversamples: int = 10,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Approximate top-``rank`` SVD by a randomized range finder with power iterations.
+
+    Sketches the range of ``T`` with ``l = rank + oversamples`` Gaussian probes, sharpens it with
+    ``power_iters`` rounds of ``T Tᵀ`` (re-orthonormalised by QR after each product), then takes
+    the exact SVD of the small ``(l, n)`` matrix ``Qᵀ T``. The error decays like
+    ``(σ_{l+1}/σ_rank)^{2·power_iters+1}`` (Halko, Martinsson & Tropp, 2011, arXiv:0909.4061).
+
+    Cost: ``2 (power_iters + 1)`` products of ``T`` with ``l`` vectors plus ``O((m + n) l²)``;
+    with a :class:`FactoredSum` target nothing of size ``m × n`` is formed.
+
+    Args:
+        target: ``T (m, n)``, dense or factored.
+        rank: number of triplets to return, ``>= 1``.
+        oversamples: extra probes, ``>= 0`` (default: 10).
+        power_iters: power iterations, ``>= 0`` (default: 2).
+        generator: source of the Gaussian probes (default: torch's global generator).
+
+    Returns:
+        ``U (m, k)``, ``S (k,)``, ``Vh (k, n)`` with ``k = min(rank, m, n)``.
+    """
+    _check_rank(rank)
+    for name, value in (("oversamples", oversamples), ("power_iters", power_iters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 0)")
+    if isinstance(target, Tensor):
+        dense = _check_matrix("target", target)
+        dtype = default_compute_dtype(dense)
+        dense = dense.to(dtype)
+        target = FactoredSum(pairs=(), dense=((1.0, dense),), shape=tuple(dense.shape))
+        device = dense.device
+    elif isinstance(target, FactoredSum):
+        tensors = [P for _, P, _ in target.pairs] + [D for _, D in target.dense]
+        if not tensors:
+            raise ValueError("target is an empty FactoredSum")
+        dtype, device = default_compute_dtype(*tensors), tensors[0].device
+        target = target.to(dtype)
+    else:
+        raise TypeError(f"target must be a Tensor or FactoredSum, got {type(target).__name__}")
+    m, n = target.shape
+    width = min(rank + oversamples, m, n)
+    probes = torch.randn(n, width, generator=generator, dtype=dtype, device="cpu").to(device)
+    Q = torch.linalg.qr(target.matmul(probes)).Q  # (m, l) orthonormal basis of the sketch
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(target.rmatmul(Q).mT).Q  # (n, l): basis of Tᵀ Q
+        Q = torch.linalg.qr(target.matmul(Z)).Q
+    Ub, S, Vh = torch.linalg.svd(target.rmatmul(Q), full_matrices=False)  # Qᵀ T = Ub S Vh
+    k = min(rank, S.shape[0])
+    return (Q @ Ub[:, :k]), S[:k], Vh[:k]
+
+
+def _check_rank(rank: object) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"Invalid rank: {rank!r} (must be an int >= 1)")
