@@ -1,0 +1,96 @@
+"""Truncated and randomized SVD: Eckart–Young, balanced factors, factored targets, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorsum.functional import (
+    FactoredSum,
+    balanced_factors,
+    best_rank_r,
+    randomized_svd,
+    truncated_svd,
+)
+from tests import reference as ref
+from tests.utils import randn, with_spectrum
+
+
+def test_best_rank_r_matches_the_float64_oracle_and_its_residual():
+    M = randn(20, 12, seed=1)
+    P = best_rank_r(M, 3)
+    assert ref.rel_err(P, ref.best_rank(M, 3)) <= 1e-12
+    S = torch.linalg.svdvals(M)
+    assert abs(float((M - P).norm()) - float(S[3:].norm())) <= 1e-10  # Eckart–Young
+
+
+def test_rank_above_the_size_keeps_everything():
+    M = randn(5, 4, seed=2)
+    U, S, Vh = truncated_svd(M, 10)
+    assert S.shape == (4,)
+    assert ref.rel_err((U * S) @ Vh, M) <= 1e-12
+
+
+def test_balanced_factors_reproduce_the_projection_with_equal_gram_matrices():
+    B, A = balanced_factors(*truncated_svd(randn(9, 7, seed=3), 3))
+    assert ref.rel_err(B @ A, ref.best_rank(randn(9, 7, seed=3), 3)) <= 1e-12
+    torch.testing.assert_close(B.T @ B, A @ A.T)
+
+
+def test_low_precision_input_is_decomposed_in_float32_and_returned_in_its_dtype():
+    U, S, Vh = truncated_svd(randn(8, 6, seed=4).bfloat16(), 2)
+    assert U.dtype == S.dtype == Vh.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("factored", [False, True])
+def test_randomized_svd_recovers_a_decaying_spectrum(factored):
+    sv = 0.5 ** torch.arange(30, dtype=torch.float64)
+    P, Q = with_spectrum(120, 80, sv, seed=5)
+    target = FactoredSum.from_terms([(P, Q)], [1.0], (120, 80)) if factored else P @ Q
+    g = torch.Generator().manual_seed(0)
+    U, S, Vh = randomized_svd(target, 5, oversamples=10, power_iters=2, generator=g)
+    assert ref.rel_err(S, sv[:5]) <= 1e-10
+    assert ref.rel_err((U * S) @ Vh, ref.best_rank(P @ Q, 5)) <= 1e-8
+
+
+def test_randomized_svd_is_deterministic_for_a_seeded_generator():
+    M = randn(40, 30, seed=6)
+    first = randomized_svd(M, 4, generator=torch.Generator().manual_seed(1))
+    second = randomized_svd(M, 4, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda: truncated_svd(randn(3, 3, seed=0), 0), ValueError, r"Invalid rank: 0"),
+        (
+            lambda: best_rank_r(torch.ones(3), 1),
+            ValueError,
+            r"M must be a matrix \(2-d\), got shape \(3,\)",
+        ),
+        (
+            lambda: randomized_svd(randn(3, 3, seed=0), 1, oversamples=-1),
+            ValueError,
+            r"Invalid oversamples: -1",
+        ),
+        (
+            lambda: randomized_svd(randn(3, 3, seed=0), 1, power_iters=1.5),
+            ValueError,
+            r"Invalid power_iters: 1.5",
+        ),
+        (
+            lambda: randomized_svd("M", 1),
+            TypeError,
+            r"target must be a Tensor or FactoredSum, got str",
+        ),
+        (
+            lambda: randomized_svd(FactoredSum((), (), (3, 3)), 1),
+            ValueError,
+            r"target is an empty FactoredSum",
+        ),
+    ],
+)
+def test_invalid_arguments_raise_with_the_offending_values(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
