@@ -45,7 +45,8 @@ def config_hash(config: Mapping[str, Any]) -> str:
 def git_state(repo_root: Path = REPO_ROOT) -> dict[str, Any]:
     """``{"sha", "dirty"}`` of the checkout; ``sha`` is None before any commit or without git."""
     sha = _git(repo_root, "rev-parse", "HEAD")
-    status = _git(repo_root, "status", "--porcelain")
+    # Untracked files do not change what ran; modified tracked files do.
+    status = _git(repo_root, "status", "--porcelain", "--untracked-files=no")
     return {"sha": sha, "dirty": None if status is None else bool(status)}
 
 
