@@ -45,8 +45,16 @@ def config_hash(config: Mapping[str, Any]) -> str:
 def git_state(repo_root: Path = REPO_ROOT) -> dict[str, Any]:
     """``{"sha", "dirty"}`` of the checkout; ``sha`` is None before any commit or without git."""
     sha = _git(repo_root, "rev-parse", "HEAD")
-    # Untracked files do not change what ran; modified tracked files do.
-    status = _git(repo_root, "status", "--porcelain", "--untracked-files=no")
+    # Untracked files and earlier results do not change what ran; modified tracked code does.
+    status = _git(
+        repo_root,
+        "status",
+        "--porcelain",
+        "--untracked-files=no",
+        "--",
+        ".",
+        ":!benchmarks/results",
+    )
     return {"sha": sha, "dirty": None if status is None else bool(status)}
 
 
