@@ -19,6 +19,10 @@ settings.register_profile(
 settings.register_profile(
     "dev", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow]
 )
+# HYPOTHESIS_PROFILE=stress: a long local run of every property test before a change lands.
+settings.register_profile(
+    "stress", deadline=None, max_examples=2000, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -78,6 +78,49 @@ def test_each_half_step_never_increases_the_objective(kind, damping, metric):
         )
 
 
+@given(
+    m=st.integers(1, 24),
+    n=st.integers(1, 24),
+    r=st.integers(1, 24),
+    N=st.integers(1, 12),
+    damping=st.sampled_from([0.0, 1e-8, 1e-3, 1.0, 100.0]),
+    num_iters=st.integers(1, 4),
+    dense_gradient=st.booleans(),
+    diagonal_metric=st.booleans(),
+    zero_B=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fuzzed_problems_descend_and_keep_shapes_and_dtypes(
+    m, n, r, N, damping, num_iters, dense_gradient, diagonal_metric, zero_B, seed
+):
+    r = min(r, m, n)
+    B0, A0, X, S = lora_problem(m, n, r, N, seed=seed)
+    if zero_B:
+        B0 = torch.zeros_like(B0)
+    gradient = S.T @ X if dense_gradient else (S.T, X)
+    terms, weights = [(B0, A0), gradient], [1.0, -0.1]
+    metrics = {}
+    if diagonal_metric:
+        metrics = {
+            "metric_out": randn(m, seed=seed).abs() + 0.1,
+            "metric_in": randn(n, seed=seed + 1).abs() + 0.1,
+        }
+    T = ref.dense_target(terms, weights)
+    previous = ref.objective(B0, A0, T, (B0, A0), damping, **metrics)
+    scale = float(T.norm()) ** 2 + float(B0.norm()) ** 2 + float(A0.norm()) ** 2
+    for B, A in lorsum_iterates(
+        terms, weights, (B0, A0), num_iters=num_iters, damping=damping, **metrics
+    ):
+        assert (B.shape, A.shape, B.dtype, A.dtype) == (B0.shape, A0.shape, B0.dtype, A0.dtype)
+        assert torch.isfinite(B).all()
+        assert torch.isfinite(A).all()
+        value = ref.objective(B, A, T, (B0, A0), damping, **metrics)
+        # 1e-10 of the problem's scale: rounding in the normal equations of random (possibly
+        # ill-conditioned) factors, far below any real increase.
+        assert value <= previous + 1e-10 * scale, f"objective rose from {previous!r} to {value!r}"
+        previous = value
+
+
 @pytest.mark.parametrize("kind", ["pairs", "dense", "mixed"])
 def test_many_undamped_sweeps_reach_the_eckart_young_optimum(kind):
     m, n, r = 40, 25, 4
@@ -109,15 +152,31 @@ def test_lora_step_sweeps_converge_to_the_svd_projection_of_the_full_step():
     seed=st.integers(0, 2**16),
 )
 def test_a_target_of_rank_at_most_r_is_recovered_exactly(m, n, r, k, seed):
-    # Factors with condition number <= 2 (tests.utils.well_conditioned): the claim is exactness,
-    # and ALS's normal equations square the conditioning of random square factors.
+    # Exact in exact arithmetic once col(B0) meets col(T) in general position. In floating point
+    # the first A = B0⁺T has condition number up to κ(B0)κ(T)/c, with c the cosine of the
+    # largest principal angle between col(B0) and col(T); undamped ALS keeps that gauge, and its
+    # normal equations amplify rounding by the square. So: factors with κ <= 2
+    # (tests.utils.well_conditioned) and c >= 0.05, which bound the amplification by ~1e4.
     r = min(r, m, n)
     k = min(k, r)  # rank of the target
     T_pair = (well_conditioned(m, k, seed=seed), well_conditioned(k, n, seed=seed + 2))
     init = (well_conditioned(m, r, seed=seed + 4), well_conditioned(r, n, seed=seed + 6))
+    cosines = torch.linalg.svdvals(torch.linalg.qr(init[0]).Q.T @ torch.linalg.qr(T_pair[0]).Q)
+    assume(float(cosines.min()) >= 0.05)
     B, A = lorsum([T_pair], [1.0], init, num_iters=2)
     T = T_pair[0] @ T_pair[1]
     assert ref.rel_err(B @ A, T) <= 1e-10
+
+
+def _first_solve_condition(B0, T) -> float:
+    """κ of the first undamped A-solve ``B0⁺T``: the factor through which rounding is amplified.
+
+    Undamped ALS solves normal equations, so its rounding error grows like this κ squared, and
+    the gauge it fixes persists over the sweeps. Property tests that claim exactness therefore
+    draw inits in general position (κ <= 100) and say so, instead of loosening their bounds.
+    """
+    A1 = torch.linalg.lstsq(B0, T).solution
+    return float(torch.linalg.cond(A1)) if min(A1.shape) > 1 else 1.0
 
 
 @given(m=st.integers(1, 24), n=st.integers(1, 24), seed=st.integers(0, 2**16))
@@ -126,31 +185,28 @@ def test_full_rank_gives_the_dense_step_itself(m, n, seed):
     _, _, X, S = lora_problem(m, n, r, 7, seed=seed)
     B0, A0 = well_conditioned(m, r, seed=seed), well_conditioned(r, n, seed=seed + 2)
     terms, weights = lora_terms(B0, A0, X, S, lr=0.3)
+    T = ref.dense_target(terms, weights)
+    assume(_first_solve_condition(B0, T) <= 100)
     B, A = lorsum(terms, weights, (B0, A0), num_iters=1)
-    assert ref.rel_err(B @ A, ref.dense_target(terms, weights)) <= 1e-10
+    assert ref.rel_err(B @ A, T) <= 1e-10
 
 
 # --- the closed forms of one step ----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("damping", DAMPINGS)
-def test_one_sweep_is_the_gauss_seidel_closed_form(damping):
+@pytest.mark.parametrize(
+    ("num_iters", "closed_form"),
+    [(0, ref.riemannian_step), (1, ref.gauss_seidel_sweep)],
+    ids=["jacobi-is-riemannian", "one-sweep-is-gauss-seidel"],
+)
+def test_one_step_equals_its_closed_form(num_iters, closed_form, damping):
+    # num_iters = 0: A1 = A0 − lr(B0ᵀB0 + λI)⁻¹B0ᵀG, B1 = B0 − lr G A0ᵀ(A0A0ᵀ + λI)⁻¹ (both from
+    # the init); num_iters = 1: the same A1, then B1 = (λB0 + T A1ᵀ)(A1A1ᵀ + λI)⁻¹.
     B0, A0, X, S = lora_problem(30, 20, 4, 50, seed=21)
     lr = 0.07
-    terms, weights = lora_terms(B0, A0, X, S, lr)
-    B, A = lorsum(terms, weights, (B0, A0), num_iters=1, damping=damping)
-    B1, A1 = ref.gauss_seidel_sweep(B0, A0, S.T @ X, lr, damping)
-    assert ref.rel_err(A, A1) <= 1e-10
-    assert ref.rel_err(B, B1) <= 1e-10
-
-
-@pytest.mark.parametrize("damping", DAMPINGS)
-def test_jacobi_pass_is_the_riemannian_preconditioned_step(damping):
-    B0, A0, X, S = lora_problem(30, 20, 4, 50, seed=22)
-    lr = 0.07
-    terms, weights = lora_terms(B0, A0, X, S, lr)
-    B, A = lorsum(terms, weights, (B0, A0), num_iters=0, damping=damping)
-    B1, A1 = ref.riemannian_step(B0, A0, S.T @ X, lr, damping)
+    B, A = lorsum(*lora_terms(B0, A0, X, S, lr), (B0, A0), num_iters=num_iters, damping=damping)
+    B1, A1 = closed_form(B0, A0, S.T @ X, lr, damping)
     assert ref.rel_err(A, A1) <= 1e-10
     assert ref.rel_err(B, B1) <= 1e-10
 
@@ -201,6 +257,9 @@ def test_gauge_change_of_the_init_gives_the_same_product_without_damping(m, n, r
     B0, A0, X, S = lora_problem(m, n, r, 9, seed=seed)
     R = torch.eye(r, dtype=torch.float64) + 0.5 * randn(r, r, seed=seed + 5) / r**0.5
     terms, weights = lora_terms(B0, A0, X, S, lr=0.2)  # the target keeps the original product
+    # General position (see _first_solve_condition): rounding grows like κ(A1)²·κ(R)².
+    assume(float(torch.linalg.cond(R)) <= 10)
+    assume(_first_solve_condition(B0, ref.dense_target(terms, weights)) <= 100)
     B, A = lorsum(terms, weights, (B0, A0), num_iters=1)
     B_g, A_g = lorsum(terms, weights, (B0 @ R, torch.linalg.solve(R, A0)), num_iters=1)
     assert ref.rel_err(B_g @ A_g, B @ A) <= 1e-8

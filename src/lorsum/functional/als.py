@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from numbers import Real
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
@@ -114,6 +114,7 @@ def lorsum(
     """
     _check_options(num_iters=num_iters, damping=damping, tol=tol)
     problem = _Problem.build(terms, weights, init, damping, metric_out, metric_in, compute_dtype)
+    num_iters = int(num_iters)
     if num_iters == 0:
         A, B = _update_A(problem, problem.B0), _update_B(problem, problem.A0)
         return problem.cast_out(B, A)
@@ -258,7 +259,7 @@ def _relative_change(A_new: Tensor, A: Tensor, B_new: Tensor, B: Tensor) -> floa
 
 
 def _check_options(*, num_iters: object, damping: object, tol: object) -> None:
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int):
+    if isinstance(num_iters, bool) or not isinstance(num_iters, Integral):
         raise TypeError(f"num_iters must be an int, got {num_iters!r}")
     if num_iters < 0:
         raise ValueError(f"Invalid num_iters: {num_iters} (must be >= 0)")
