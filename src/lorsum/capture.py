@@ -1,0 +1,270 @@
+"""Capture the full-weight gradient of each LoRA layer in factored form, ``G = Sᵀ X``.
+
+LoRSum, its scaled variant and SVDLoRA step with the gradient of the whole weight, which autograd
+never forms for a LoRA layer. :class:`GradientCapture` records it as rows: the input ``X`` of the
+adapter's down map (after dropout) and the gradient ``S`` at the output of its up map (which
+already carries the LoRA scaling), so that ``SᵀX = s · ∂L/∂W`` with exactly autograd's dropout
+mask, and ``A.grad = Bᵀ(SᵀX)``, ``B.grad = (SᵀX)Aᵀ``.
+
+Design (why it is built this way):
+
+* **An explicit object that owns its hooks**: a context manager with :meth:`remove`; nothing is
+  written onto the modules and no optimizer registers hooks behind the user's back.
+* **Rows are recorded at backward time.** A forward hook on the down map remembers its input;
+  a forward hook on the up map attaches a tensor hook to its output, which fires only if that
+  output is really back-propagated. So eval forwards, ``no_grad`` forwards and the first pass of
+  gradient checkpointing (whose outputs are never differentiated) record nothing, and
+  checkpointing gives the same rows as no checkpointing.
+* **A window is the life of ``.grad``.** Micro-batches between two optimizer steps are summed
+  exactly (the Trainer already scales each micro-batch loss). If rows are still buffered when a new
+  backward starts on a ``B`` whose ``.grad`` is ``None``, gradients were zeroed without a step
+  (for example a step skipped by ``GradScaler`` after an overflow), and the stale rows are dropped.
+* **Memory is bounded by** ``min(N (m + n), m n)`` elements per layer: rows are kept while they
+  are the smaller form; past that they are folded into a dense float32 accumulator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lorsum.lora import LoRAPair
+
+__all__ = ["CapturedGradient", "GradientCapture"]
+
+Statistics = Literal["diagonal", "dense"] | None
+
+
+@dataclass
+class CapturedGradient:
+    """The factored gradient ``G = Σ_i S_iᵀ X_i (+ D)`` of one layer over one step window.
+
+    ``G`` here is ``s · ∂L/∂W``: the gradient of the loss with respect to the product ``B A``
+    (see the module docstring). Exactly one of the two forms is populated.
+
+    Attributes:
+        rows: ``[(S_i (N_i, m), X_i (N_i, n))]`` while the rows are the smaller form.
+        dense: ``D (m, n)`` float32 once the rows were folded.
+        num_rows: ``N = Σ_i N_i``, every row seen in the window.
+        input_sq_sum: ``Σ_t x_t ∘ x_t`` (n,) when diagonal statistics were requested.
+        output_grad_sq_sum: ``Σ_t s_t ∘ s_t`` (m,), likewise.
+        input_gram: ``XᵀX`` (n, n) when dense statistics were requested.
+        output_grad_gram: ``SᵀS`` (m, m), likewise.
+    """
+
+    rows: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    dense: Tensor | None = None
+    num_rows: int = 0
+    input_sq_sum: Tensor | None = None
+    output_grad_sq_sum: Tensor | None = None
+    input_gram: Tensor | None = None
+    output_grad_gram: Tensor | None = None
+
+    def terms(self) -> list[Any]:
+        """The gradient as :func:`lorsum.functional.lorsum` terms: pairs ``(Sᵀ, X)`` or ``D``."""
+        if self.dense is not None:
+            return [self.dense]
+        return [(S.mT, X) for S, X in self.rows]
+
+    def to_dense(self) -> Tensor:
+        """``G (m, n)`` in float32 (forms it if the rows are kept; for dense baselines only)."""
+        if self.dense is not None:
+            return self.dense
+        S0, X0 = self.rows[0]
+        out = torch.zeros(S0.shape[1], X0.shape[1], dtype=_accumulate_dtype(S0), device=S0.device)
+        for S, X in self.rows:
+            out.addmm_(S.mT.to(out.dtype), X.to(out.dtype))
+        return out
+
+    def squared_norm(self) -> Tensor:
+        """``‖G‖_F²`` as a 0-d float32 tensor, never forming ``G`` from rows.
+
+        From rows it is ``⟨XXᵀ, SSᵀ⟩`` over all rows, ``O(N² (m + n))``; the capture keeps rows
+        only while ``N (m + n) <= m n``, where this is at most the cost of forming ``G``.
+        """
+        if self.dense is not None:
+            return self.dense.square().sum()
+        dtype = _accumulate_dtype(self.rows[0][0])
+        S = torch.cat([S.to(dtype) for S, _ in self.rows])
+        X = torch.cat([X.to(dtype) for _, X in self.rows])
+        return ((S @ S.mT) * (X @ X.mT)).sum()
+
+    def scale_(self, factor: float | Tensor) -> CapturedGradient:
+        """Multiply ``G`` by ``factor`` in place (the output-gradient side carries it)."""
+        if self.dense is not None:
+            self.dense.mul_(factor)
+        self.rows = [(S * factor, X) for S, X in self.rows]
+        factor_sq = factor * factor
+        for name in ("output_grad_sq_sum", "output_grad_gram"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value * factor_sq)
+        return self
+
+
+class GradientCapture:
+    """Record each LoRA layer's full-weight gradient as rows ``(S, X)`` until the optimizer step.
+
+    Args:
+        pairs: the adapters to capture; each needs ``modules = (down, up)`` (set by
+            :func:`lorsum.add_lora`, :func:`lorsum.lora_pairs` and the PEFT integration).
+        grad_scaler: a ``torch.amp.GradScaler`` whose loss scale the captured output-gradients
+            carry; :meth:`pop` divides it out, as ``GradScaler.unscale_`` does for ``.grad``.
+        statistics: also accumulate the metric statistics of scaled LoRSum: ``"diagonal"``
+            (``Σx²``, ``Σs²``) or ``"dense"`` (``XᵀX``, ``SᵀS``); ``None`` (default) for neither.
+
+    Use it as a context manager, or call :meth:`remove` when done::
+
+        with GradientCapture(pairs) as capture:
+            optimizer = LoRSum(pair_param_groups(pairs), capture=capture)
+            ...
+
+    Raises:
+        ValueError: a pair without modules, duplicated pairs, or an unknown ``statistics``.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[LoRAPair],
+        *,
+        grad_scaler: Any | None = None,
+        statistics: Statistics = None,
+    ) -> None:
+        if statistics not in (None, "diagonal", "dense"):
+            raise ValueError(
+                f"Invalid statistics: {statistics!r} (must be None, 'diagonal' or 'dense')"
+            )
+        if not pairs:
+            raise ValueError("no LoRA pairs given: nothing to capture")
+        self.grad_scaler = grad_scaler
+        self.statistics: Statistics = statistics
+        self._sites: dict[nn.Parameter, _Site] = {}
+        self._handles: list[Any] = []
+        for pair in pairs:
+            if pair.modules is None:
+                raise ValueError(
+                    f"LoRA pair {pair.name!r} has no (down, up) modules to hook; build pairs "
+                    "with lorsum.add_lora, lorsum.lora_pairs or the PEFT integration"
+                )
+            if pair.B in self._sites:
+                raise ValueError(f"LoRA pair {pair.name!r} is given twice")
+            site = _Site(pair, statistics)
+            self._sites[pair.B] = site
+            down, up = pair.modules
+            self._handles.append(down.register_forward_hook(site.on_down_forward))
+            self._handles.append(up.register_forward_hook(site.on_up_forward))
+
+    @property
+    def pairs(self) -> list[LoRAPair]:
+        return [site.pair for site in self._sites.values()]
+
+    def pop(self, B: Tensor) -> CapturedGradient | None:
+        """Take the gradient captured for the pair whose up factor is ``B``; ``None`` if none.
+
+        The buffer is emptied. With a ``grad_scaler`` the loss scale is divided out.
+        """
+        site = self._sites.get(B)  # type: ignore[call-overload]
+        if site is None:
+            raise KeyError("this parameter is not the B factor of a captured LoRA pair")
+        captured = site.take()
+        if captured is not None and self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            captured.scale_(1.0 / self.grad_scaler.get_scale())
+        return captured
+
+    def peek(self, B: Tensor) -> CapturedGradient | None:
+        """The gradient captured so far for ``B``'s pair, without taking it."""
+        return self._sites[B].captured  # type: ignore[index]
+
+    def clear(self) -> None:
+        """Drop every buffered row (for example after a step that was skipped)."""
+        for site in self._sites.values():
+            site.captured = None
+
+    def remove(self) -> None:
+        """Remove every hook and drop the buffers. Idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.clear()
+
+    def __enter__(self) -> GradientCapture:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"GradientCapture({len(self._sites)} pairs, statistics={self.statistics!r})"
+
+
+class _Site:
+    """The hooks and the buffer of one pair."""
+
+    def __init__(self, pair: LoRAPair, statistics: Statistics) -> None:
+        self.pair = pair
+        self.statistics = statistics
+        self.captured: CapturedGradient | None = None
+        self._down_input: Tensor | None = None
+        self._down_output: Tensor | None = None
+
+    def on_down_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        # Only differentiated training forwards count; the pending input waits for the up map.
+        if module.training and torch.is_grad_enabled() and isinstance(output, Tensor):
+            self._down_input, self._down_output = args[0].detach(), output
+        else:
+            self._down_input = self._down_output = None
+
+    def on_up_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        inputs, self._down_input = self._down_input, None
+        produced, self._down_output = self._down_output, None
+        if inputs is None or not args or args[0] is not produced:
+            return  # not the down map's output of this forward: nothing to pair
+        if isinstance(output, Tensor) and output.requires_grad:
+            output.register_hook(lambda grad: self.record(grad, inputs))
+
+    def record(self, grad: Tensor, inputs: Tensor) -> None:
+        """Called in backward with ``∂L/∂(up output)``; adds the rows to the window."""
+        m, n = self.pair.shape
+        S = grad.detach().reshape(-1, m)
+        X = inputs.reshape(-1, n)
+        if self.pair.B.grad is None and self.captured is not None:
+            self.captured = None  # .grad was zeroed without a step: a new window starts
+        captured = self.captured = self.captured or CapturedGradient()
+        captured.num_rows += S.shape[0]
+        self._add_statistics(captured, S, X)
+        if captured.dense is None and (captured.num_rows * (m + n) <= m * n):
+            captured.rows.append((S, X))
+            return
+        if captured.dense is None:  # fold the rows kept so far: the dense form is now smaller
+            captured.dense = captured.to_dense() if captured.rows else _zeros_like_gradient(S, X)
+            captured.rows = []
+        captured.dense.addmm_(S.mT.to(captured.dense.dtype), X.to(captured.dense.dtype))
+
+    def _add_statistics(self, captured: CapturedGradient, S: Tensor, X: Tensor) -> None:
+        if self.statistics is None:
+            return
+        dtype = _accumulate_dtype(S)
+        S, X = S.to(dtype), X.to(dtype)
+        if self.statistics == "diagonal":
+            updates = {"input_sq_sum": X.square().sum(0), "output_grad_sq_sum": S.square().sum(0)}
+        else:
+            updates = {"input_gram": X.mT @ X, "output_grad_gram": S.mT @ S}
+        for name, value in updates.items():
+            current = getattr(captured, name)
+            setattr(captured, name, value if current is None else current + value)
+
+    def take(self) -> CapturedGradient | None:
+        captured, self.captured = self.captured, None
+        return captured
+
+
+def _accumulate_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _zeros_like_gradient(S: Tensor, X: Tensor) -> Tensor:
+    return torch.zeros(S.shape[1], X.shape[1], dtype=_accumulate_dtype(S), device=S.device)

@@ -1,0 +1,263 @@
+"""The plumbing every lorsum optimizer shares: LoRA and dense param groups, state, clipping.
+
+A param group is either ``kind="lora"``, holding exactly one adapter ``[A, B]`` with its
+``lora_scaling`` and ``name`` (see :func:`lorsum.pair_param_groups`), or ``kind="dense"``,
+holding any other trainable parameters (heads, biases), which are stepped by torch's own AdamW
+or SGD (``dense_optimizer``). Every hyperparameter lives in the group, so schedulers and
+``state_dict`` handle it; state holds tensors keyed by parameters only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.optim.adam
+import torch.optim.sgd
+from torch import Tensor
+from torch.optim import Optimizer
+
+from lorsum.capture import CapturedGradient, GradientCapture
+
+__all__ = ["LoRAOptimizer"]
+
+DENSE_DEFAULTS: dict[str, Any] = {
+    "dense_optimizer": "adamw",
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "momentum": 0.0,
+    "nesterov": False,
+}
+_COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class LoRAOptimizer(Optimizer):
+    """Base class: validates groups, steps dense groups, clips, and guards against non-finite steps.
+
+    Subclasses implement :meth:`_step_lora_group`. Those that step with the full gradient set
+    ``needs_capture = True`` and receive it from a :class:`~lorsum.GradientCapture`.
+
+    Args:
+        params: param groups from :func:`lorsum.pair_param_groups` and
+            :func:`lorsum.dense_param_group`.
+        defaults: the subclass's default hyperparameters (for LoRA groups).
+        capture: the capture that records every LoRA pair's full gradient.
+        max_grad_norm: clip the global gradient norm to this value before stepping (``None``:
+            no clipping). With a capture the norm includes each pair's full gradient
+            ``‖∂L/∂W‖`` in factored form; otherwise the LoRA ``.grad`` tensors.
+    """
+
+    needs_capture = False
+
+    def __init__(
+        self,
+        params: Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        capture: GradientCapture | None = None,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
+        if self.needs_capture and capture is None:
+            raise ValueError(
+                f"{type(self).__name__} steps with the full gradient of each layer: pass "
+                "capture=GradientCapture(pairs) (or build it with lorsum.create_optimizer)"
+            )
+        if capture is not None and not isinstance(capture, GradientCapture):
+            raise TypeError(f"capture must be a GradientCapture, got {type(capture).__name__}")
+        self.capture = capture  # plumbing, never serialised
+        self.max_grad_norm = max_grad_norm
+        if isinstance(params, Tensor) or not isinstance(params, Iterable):
+            raise TypeError("params must be an iterable of param groups (dicts)")
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        for group in params:
+            if not isinstance(group, dict):
+                raise TypeError(
+                    "lorsum optimizers take param groups, not bare tensors: build them with "
+                    "lorsum.pair_param_groups(pairs) and lorsum.dense_param_group(params)"
+                )
+        super().__init__(params, defaults)
+
+    # --- groups ----------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        kind = param_group.setdefault("kind", "lora")
+        if kind == "dense":
+            for key, value in DENSE_DEFAULTS.items():
+                param_group.setdefault(key, value)
+            if param_group["dense_optimizer"] not in ("adamw", "sgd"):
+                raise ValueError(
+                    f"Invalid dense_optimizer: {param_group['dense_optimizer']!r} "
+                    "(must be 'adamw' or 'sgd')"
+                )
+            if not list(param_group["params"]):
+                raise ValueError("a dense param group is empty")
+        elif kind == "lora":
+            self._check_pair_group(param_group)
+        else:
+            raise ValueError(f"Invalid param group kind: {kind!r} (must be 'lora' or 'dense')")
+        super().add_param_group(param_group)
+        if kind == "lora":
+            self._check_lora_hyperparameters(param_group)
+            if self.capture is not None:
+                try:
+                    self.capture.peek(param_group["params"][1])
+                except KeyError:
+                    raise ValueError(
+                        f"LoRA pair {param_group.get('name')!r} is not recorded by the capture"
+                    ) from None
+
+    def _check_pair_group(self, group: dict[str, Any]) -> None:
+        name = group.setdefault("name", "")
+        params = group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if len(params) != 2:
+            raise ValueError(
+                f"LoRA group {name!r} must hold exactly [A, B], got {len(params)} parameters"
+            )
+        A, B = params
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(
+                f"LoRA group {name!r}: expected [A (r, n), B (m, r)], got shapes "
+                f"{tuple(A.shape)} and {tuple(B.shape)}"
+            )
+        scaling = group.setdefault("lora_scaling", 1.0)
+        if not (isinstance(scaling, int | float) and math.isfinite(scaling) and scaling > 0):
+            raise ValueError(f"LoRA group {name!r}: invalid lora_scaling {scaling!r} (must be > 0)")
+        if group.get("compute_dtype") not in (None, *_COMPUTE_DTYPES):
+            raise ValueError(
+                f"LoRA group {name!r}: invalid compute_dtype {group['compute_dtype']!r} "
+                f"(must be None or one of {sorted(_COMPUTE_DTYPES)})"
+            )
+
+    def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
+        """Validate a LoRA group's hyperparameters (subclasses extend it)."""
+        _check_non_negative(group, "lr")
+        _check_non_negative(group, "weight_decay")
+
+    # --- step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One step for every group. ``closure`` re-evaluates the loss (under ``enable_grad``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        captured = self._take_captures()
+        if self.max_grad_norm is not None:
+            self._clip_(captured)
+        for group in self.param_groups:
+            if group["kind"] == "dense":
+                self._step_dense_group(group)
+            else:
+                A, B = group["params"]
+                self._step_lora_group(group, A, B, captured.get(B))
+        return loss
+
+    def _step_lora_group(
+        self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
+    ) -> None:
+        raise NotImplementedError
+
+    def _take_captures(self) -> dict[Tensor, CapturedGradient]:
+        if self.capture is None:
+            return {}
+        taken = {}
+        for group in self.param_groups:
+            if group["kind"] == "lora":
+                B = group["params"][1]
+                captured = self.capture.pop(B)
+                if captured is not None:
+                    taken[B] = captured
+        return taken
+
+    def _clip_(self, captured: dict[Tensor, CapturedGradient]) -> None:
+        """Scale every gradient by ``min(1, max_norm / ‖g‖)`` with ``‖g‖`` the global norm."""
+        squares: list[Tensor] = []
+        grads: list[Tensor] = []
+        for group in self.param_groups:
+            if group["kind"] == "lora" and self.capture is not None:
+                B = group["params"][1]
+                if B in captured:
+                    # ‖∂L/∂W‖² = ‖G‖² / s²: the capture holds G = s ∂L/∂W.
+                    squares.append(captured[B].squared_norm() / group["lora_scaling"] ** 2)
+                continue
+            grads += [p.grad for p in group["params"] if p.grad is not None]
+        squares += [g.float().square().sum() for g in grads]
+        if not squares:
+            return
+        total = torch.stack([sq.to(squares[0].device) for sq in squares]).sum().sqrt()
+        coef = (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.device, g.dtype))
+        for c in captured.values():
+            c.scale_(coef)
+
+    def _step_dense_group(self, group: dict[str, Any]) -> None:
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        grads = [p.grad for p in params]
+        if group["dense_optimizer"] == "sgd":
+            buffers = [self.state[p].get("momentum_buffer") for p in params]
+            torch.optim.sgd.sgd(
+                params, grads, buffers,
+                weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                dampening=0.0, nesterov=group["nesterov"], maximize=False,
+            )  # fmt: skip
+            if group["momentum"] > 0:
+                for p, buf in zip(params, buffers, strict=True):
+                    self.state[p]["momentum_buffer"] = buf
+            return
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        beta1, beta2 = group["betas"]
+        torch.optim.adam.adam(
+            params, grads,
+            [self.state[p]["exp_avg"] for p in params],
+            [self.state[p]["exp_avg_sq"] for p in params],
+            [], [self.state[p]["step"] for p in params],
+            foreach=False, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
+            lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
+        )  # fmt: skip
+
+    # --- helpers for subclasses ------------------------------------------------------------
+
+    @staticmethod
+    def _compute_dtype(group: dict[str, Any]) -> torch.dtype | None:
+        name = group.get("compute_dtype")
+        return None if name is None else _COMPUTE_DTYPES[name]
+
+    def _commit_(self, group_state: dict[str, Any], updates: list[tuple[Tensor, Tensor]]) -> None:
+        """Write ``new`` into each ``target`` only if every new value is finite.
+
+        No value is read back from the device: a non-finite step leaves the targets untouched
+        and increments ``group_state["skipped_steps"]`` (a tensor), so it can be audited.
+        """
+        finite = torch.stack([torch.isfinite(new).all() for _, new in updates]).all()
+        for target, new in updates:
+            target.copy_(torch.where(finite, new.to(target.dtype), target))
+        skipped = group_state.setdefault(
+            "skipped_steps", torch.zeros((), dtype=torch.int64, device=finite.device)
+        )
+        skipped.add_((~finite).to(skipped.dtype))
+
+
+def _check_non_negative(group: dict[str, Any], key: str) -> None:
+    value = group.get(key)
+    if isinstance(value, Tensor):
+        return  # tensor hyperparameters (e.g. a scheduled lr) are checked by their owner
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"Invalid {key}: {value!r} (must be >= 0)")
