@@ -12,7 +12,7 @@ from torch import Tensor
 
 def rel_err(x: Tensor, ref: Tensor) -> float:
     """``‖x − ref‖_F / max(‖ref‖_F, tiny)`` computed in float64."""
-    x, ref = x.double(), ref.double()
+    x, ref = x.detach().double(), ref.detach().double()
     return float((x - ref).norm() / ref.norm().clamp_min(torch.finfo(torch.float64).tiny))
 
 

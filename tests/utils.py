@@ -46,3 +46,30 @@ def well_conditioned(rows: int, cols: int, *, seed: int) -> Tensor:
     scales = torch.linspace(1.0, 2.0, k, dtype=torch.float64)
     U, V = orthonormal(rows, k, seed=seed), orthonormal(cols, k, seed=seed + 1)
     return (U * scales) @ V.T
+
+
+def tiny_lora_model(
+    *, seed: int = 0, dtype: torch.dtype = torch.float64, alpha: float | None = None, rank: int = 3
+):
+    """A 2-layer MLP with LoRA on both linears and a trainable dense head; returns (model, pairs).
+
+    Shapes: 8 → 12 → 6 (adapted, rank 3 by default) → 4 (the head, a dense group). ``B`` is set
+    to small random values (not PEFT's zero) so that every closed form is exercised.
+    """
+    from torch import nn
+
+    import lorsum
+
+    torch.manual_seed(seed)  # nn.Linear's init; tests that need isolation pass their own seed
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4))
+    model = model.to(dtype)
+    pairs = lorsum.add_lora(model, ["0", "2"], rank=rank, alpha=alpha)
+    with torch.no_grad():
+        for i, pair in enumerate(pairs):
+            pair.B.copy_(0.3 * randn(*pair.B.shape, seed=seed + 100 + i, dtype=dtype))
+    return model, pairs
+
+
+def regression_batch(rows: int = 32, *, seed: int = 0, dtype: torch.dtype = torch.float64):
+    """Inputs ``(rows, 8)`` and targets ``(rows, 4)`` for :func:`tiny_lora_model`."""
+    return randn(rows, 8, seed=seed, dtype=dtype), randn(rows, 4, seed=seed + 1, dtype=dtype)

@@ -3,19 +3,25 @@
 from lorsum import functional, optim
 from lorsum._version import __version__
 from lorsum.capture import CapturedGradient, GradientCapture
+from lorsum.factory import METHODS, create_optimizer, find_lora_pairs
 from lorsum.layers import LoRALinear, add_lora, lora_pairs
 from lorsum.lora import LoRAPair, dense_param_group, pair_param_groups
-from lorsum.optim import LoRSum
+from lorsum.optim import LoRSum, PrecondLoRA, SVDLoRA
 
 __all__ = [
+    "METHODS",
     "CapturedGradient",
     "GradientCapture",
     "LoRALinear",
     "LoRAPair",
     "LoRSum",
+    "PrecondLoRA",
+    "SVDLoRA",
     "__version__",
     "add_lora",
+    "create_optimizer",
     "dense_param_group",
+    "find_lora_pairs",
     "functional",
     "lora_pairs",
     "optim",

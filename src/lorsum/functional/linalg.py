@@ -57,20 +57,29 @@ def prox_solve(gram: Tensor, rhs: Tensor, anchor: Tensor, damping: float) -> Ten
 
 
 def _eigh_prox_solve(gram: Tensor, rhs: Tensor, anchor: Tensor, damping: float) -> Tensor:
-    """``eigh`` form of :func:`prox_solve`; ``rhs`` already contains ``λ Z₀`` when ``λ > 0``."""
+    """``eigh`` form of :func:`prox_solve`; ``rhs`` already contains ``λ Z₀`` when ``λ > 0``.
+
+    A non-finite Gram (a NaN gradient upstream) must not raise inside ``eigh``: the solve runs on
+    a zeroed copy and its result is poisoned with NaN, so callers' finiteness guards see it, all
+    without reading a value back from the device.
+    """
+    finite = torch.isfinite(gram).all()
     # Symmetrise: K arrives as a product XᵀX whose rounding can leave it slightly asymmetric.
-    eigvals, V = torch.linalg.eigh(0.5 * (gram + gram.mT))
+    safe = torch.where(finite, 0.5 * (gram + gram.mT), torch.zeros_like(gram))
+    eigvals, V = torch.linalg.eigh(safe)
     eigvals = eigvals.clamp_min(0.0)
     Vt_rhs = V.mT @ rhs
     if damping > 0:
-        return V @ (Vt_rhs / (eigvals + damping).unsqueeze(-1))
-    eps = torch.finfo(gram.dtype).eps
-    threshold = eigvals.amax(dim=-1, keepdim=True) * (gram.shape[-1] * eps)
-    seen = eigvals > threshold.clamp_min(torch.finfo(gram.dtype).tiny)
-    # On the range of K: K⁺R. On its null space the λ → 0⁺ limit keeps the anchor's coordinates.
-    coords = torch.where(
-        seen.unsqueeze(-1),
-        Vt_rhs / torch.where(seen, eigvals, 1.0).unsqueeze(-1),
-        V.mT @ anchor,
-    )
-    return V @ coords
+        solution = V @ (Vt_rhs / (eigvals + damping).unsqueeze(-1))
+    else:
+        eps = torch.finfo(gram.dtype).eps
+        threshold = eigvals.amax(dim=-1, keepdim=True) * (gram.shape[-1] * eps)
+        seen = eigvals > threshold.clamp_min(torch.finfo(gram.dtype).tiny)
+        # On the range of K: K⁺R. On its null space the λ → 0⁺ limit keeps the anchor's coordinates.
+        coords = torch.where(
+            seen.unsqueeze(-1),
+            Vt_rhs / torch.where(seen, eigvals, 1.0).unsqueeze(-1),
+            V.mT @ anchor,
+        )
+        solution = V @ coords
+    return torch.where(finite, solution, torch.full_like(solution, float("nan")))

@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.optim.adam
-import torch.optim.sgd
 from torch import Tensor
 from torch.optim import Optimizer
+
+# torch.optim's functional updates; the package hides its submodules, so import them directly.
+from torch.optim.adam import adam as torch_adam
+from torch.optim.sgd import sgd as torch_sgd
 
 from lorsum.capture import CapturedGradient, GradientCapture
 
@@ -203,15 +205,24 @@ class LoRAOptimizer(Optimizer):
 
     def _step_dense_group(self, group: dict[str, Any]) -> None:
         params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        grads = [p.grad for p in params]
-        if group["dense_optimizer"] == "sgd":
+        if params:
+            self._torch_step(group, params, [p.grad for p in params], group["dense_optimizer"])
+
+    def _torch_step(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], algorithm: str
+    ) -> None:
+        """Torch's own ``"sgd"`` or ``"adamw"`` update of ``params`` along ``grads``.
+
+        The math is ``torch.optim``'s functional code, not a rewrite; its state (``step``,
+        ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) lives in ``self.state`` under
+        torch's names, so it saves and loads like torch's optimizers.
+        """
+        if algorithm == "sgd":
             buffers = [self.state[p].get("momentum_buffer") for p in params]
-            torch.optim.sgd.sgd(
+            torch_sgd(
                 params, grads, buffers,
                 weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
-                dampening=0.0, nesterov=group["nesterov"], maximize=False,
+                dampening=0.0, nesterov=group.get("nesterov", False), maximize=False,
             )  # fmt: skip
             if group["momentum"] > 0:
                 for p, buf in zip(params, buffers, strict=True):
@@ -219,12 +230,12 @@ class LoRAOptimizer(Optimizer):
             return
         for p in params:
             state = self.state[p]
-            if not state:
+            if "exp_avg" not in state:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
-        torch.optim.adam.adam(
+        torch_adam(
             params, grads,
             [self.state[p]["exp_avg"] for p in params],
             [self.state[p]["exp_avg_sq"] for p in params],
