@@ -16,9 +16,11 @@ Design (why it is built this way):
   gradient checkpointing (whose outputs are never differentiated) record nothing, and
   checkpointing gives the same rows as no checkpointing.
 * **A window is the life of ``.grad``.** Micro-batches between two optimizer steps are summed
-  exactly (the Trainer already scales each micro-batch loss). If rows are still buffered when a new
-  backward starts on a ``B`` whose ``.grad`` is ``None``, gradients were zeroed without a step
-  (for example a step skipped by ``GradScaler`` after an overflow), and the stale rows are dropped.
+  exactly (the Trainer already scales each micro-batch loss). If a backward has finished into the
+  buffer (seen by a post-accumulate-grad hook on ``B``) and a later backward finds ``B.grad`` set
+  to ``None``, gradients were zeroed without a step (for example a step skipped by
+  ``GradScaler`` after an overflow), and the stale rows are dropped. Within one backward, a layer
+  called several times records every call (``B.grad`` is only written once they are all in).
 * **Memory is bounded by** ``min(N (m + n), m n)`` elements per layer: rows are kept while they
   are the smaller form; past that they are folded into a dense float32 accumulator.
 """
@@ -157,6 +159,7 @@ class GradientCapture:
             down, up = pair.modules
             self._handles.append(down.register_forward_hook(site.on_down_forward))
             self._handles.append(up.register_forward_hook(site.on_up_forward))
+            self._handles.append(pair.B.register_post_accumulate_grad_hook(site.on_accumulated))
 
     @property
     def pairs(self) -> list[LoRAPair]:
@@ -182,7 +185,7 @@ class GradientCapture:
     def clear(self) -> None:
         """Drop every buffered row (for example after a step that was skipped)."""
         for site in self._sites.values():
-            site.captured = None
+            site.take()
 
     def remove(self) -> None:
         """Remove every hook and drop the buffers. Idempotent."""
@@ -208,6 +211,7 @@ class _Site:
         self.pair = pair
         self.statistics = statistics
         self.captured: CapturedGradient | None = None
+        self._backward_finished = False  # a backward has written B.grad since the window opened
         self._down_input: Tensor | None = None
         self._down_output: Tensor | None = None
 
@@ -231,8 +235,8 @@ class _Site:
         m, n = self.pair.shape
         S = grad.detach().reshape(-1, m)
         X = inputs.reshape(-1, n)
-        if self.pair.B.grad is None and self.captured is not None:
-            self.captured = None  # .grad was zeroed without a step: a new window starts
+        if self._backward_finished and self.pair.B.grad is None:
+            self.take()  # .grad was zeroed after a finished backward, with no step: start over
         captured = self.captured = self.captured or CapturedGradient()
         captured.num_rows += S.shape[0]
         self._add_statistics(captured, S, X)
@@ -257,8 +261,12 @@ class _Site:
             current = getattr(captured, name)
             setattr(captured, name, value if current is None else current + value)
 
+    def on_accumulated(self, B: Tensor) -> None:
+        self._backward_finished = self.captured is not None
+
     def take(self) -> CapturedGradient | None:
         captured, self.captured = self.captured, None
+        self._backward_finished = False
         return captured
 
 
