@@ -133,16 +133,16 @@ class LoRAOptimizer(Optimizer):
         scaling = group.setdefault("lora_scaling", 1.0)
         if not (isinstance(scaling, int | float) and math.isfinite(scaling) and scaling > 0):
             raise ValueError(f"LoRA group {name!r}: invalid lora_scaling {scaling!r} (must be > 0)")
-        if group.get("compute_dtype") not in (None, *_COMPUTE_DTYPES):
-            raise ValueError(
-                f"LoRA group {name!r}: invalid compute_dtype {group['compute_dtype']!r} "
-                f"(must be None or one of {sorted(_COMPUTE_DTYPES)})"
-            )
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
-        """Validate a LoRA group's hyperparameters (subclasses extend it)."""
+        """Validate a LoRA group's hyperparameters, defaults filled in (subclasses extend it)."""
         _check_non_negative(group, "lr")
         _check_non_negative(group, "weight_decay")
+        if group.get("compute_dtype") not in (None, *_COMPUTE_DTYPES):
+            raise ValueError(
+                f"LoRA group {group['name']!r}: invalid compute_dtype {group['compute_dtype']!r} "
+                f"(must be None or one of {sorted(_COMPUTE_DTYPES)})"
+            )
 
     # --- step ------------------------------------------------------------------------------
 
