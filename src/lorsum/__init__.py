@@ -6,7 +6,7 @@ from lorsum.capture import CapturedGradient, GradientCapture
 from lorsum.factory import METHODS, create_optimizer, find_lora_pairs
 from lorsum.layers import LoRALinear, add_lora, lora_pairs
 from lorsum.lora import LoRAPair, dense_param_group, pair_param_groups
-from lorsum.optim import LoRSum, PrecondLoRA, SVDLoRA
+from lorsum.optim import LoRAPro, LoRSum, PrecondLoRA, SVDLoRA
 
 __all__ = [
     "METHODS",
@@ -14,6 +14,7 @@ __all__ = [
     "GradientCapture",
     "LoRALinear",
     "LoRAPair",
+    "LoRAPro",
     "LoRSum",
     "PrecondLoRA",
     "SVDLoRA",

@@ -19,6 +19,7 @@ from lorsum.layers import LoRALinear
 from lorsum.layers import lora_pairs as lorsum_lora_pairs
 from lorsum.lora import LoRAPair, dense_param_group, pair_param_groups
 from lorsum.optim.lora_plus import lora_plus_param_groups
+from lorsum.optim.lora_pro import LoRAPro
 
 __all__ = ["METHODS", "create_optimizer", "find_lora_pairs"]
 
@@ -107,8 +108,6 @@ def create_optimizer(
         base = "sgd" if method == "precond_sgd" else "adamw"
         return PrecondLoRA(groups, lr=lr, base=base, **hparams)
     if method == "lora_pro":
-        from lorsum.optim.lora_pro import LoRAPro
-
         return LoRAPro(groups, lr=lr, **hparams)
 
     statistics = None

@@ -2,6 +2,13 @@
 
 from lorsum.functional.als import lorsum, lorsum_iterates
 from lorsum.functional.linalg import default_compute_dtype, prox_solve
+from lorsum.functional.lora_pro import (
+    equivalent_gradient,
+    lora_pro_adam,
+    lora_pro_gradients,
+    lora_pro_x,
+    solve_symmetric_sylvester,
+)
 from lorsum.functional.metrics import (
     bias_corrected,
     kfac_statistics,
@@ -10,6 +17,7 @@ from lorsum.functional.metrics import (
     running_average_,
     shampoo_statistics,
 )
+from lorsum.functional.preconditioning import riemannian_precondition
 from lorsum.functional.svd import balanced_factors, best_rank_r, randomized_svd, truncated_svd
 from lorsum.functional.terms import FactoredSum, Term
 
@@ -20,14 +28,20 @@ __all__ = [
     "best_rank_r",
     "bias_corrected",
     "default_compute_dtype",
+    "equivalent_gradient",
     "kfac_statistics",
+    "lora_pro_adam",
+    "lora_pro_gradients",
+    "lora_pro_x",
     "lorsum",
     "lorsum_iterates",
     "metric_power",
     "precondition_pair",
     "prox_solve",
     "randomized_svd",
+    "riemannian_precondition",
     "running_average_",
     "shampoo_statistics",
+    "solve_symmetric_sylvester",
     "truncated_svd",
 ]

@@ -2,8 +2,9 @@
 
 from lorsum.optim._base import LoRAOptimizer
 from lorsum.optim.lora_plus import lora_plus_param_groups
+from lorsum.optim.lora_pro import LoRAPro
 from lorsum.optim.lorsum import LoRSum
 from lorsum.optim.precond_lora import PrecondLoRA
 from lorsum.optim.svd_lora import SVDLoRA
 
-__all__ = ["LoRAOptimizer", "LoRSum", "PrecondLoRA", "SVDLoRA", "lora_plus_param_groups"]
+__all__ = ["LoRAOptimizer", "LoRAPro", "LoRSum", "PrecondLoRA", "SVDLoRA", "lora_plus_param_groups"]
