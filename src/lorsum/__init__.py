@@ -6,7 +6,7 @@ from lorsum.capture import CapturedGradient, GradientCapture
 from lorsum.factory import METHODS, create_optimizer, find_lora_pairs
 from lorsum.layers import LoRALinear, add_lora, lora_pairs
 from lorsum.lora import LoRAPair, dense_param_group, pair_param_groups
-from lorsum.optim import LoRAPro, LoRSum, PrecondLoRA, SVDLoRA
+from lorsum.optim import LoRAPro, LoRSum, PrecondLoRA, ScaledLoRSum, SVDLoRA
 
 __all__ = [
     "METHODS",
@@ -18,6 +18,7 @@ __all__ = [
     "LoRSum",
     "PrecondLoRA",
     "SVDLoRA",
+    "ScaledLoRSum",
     "__version__",
     "add_lora",
     "create_optimizer",

@@ -20,6 +20,10 @@ from lorsum.layers import lora_pairs as lorsum_lora_pairs
 from lorsum.lora import LoRAPair, dense_param_group, pair_param_groups
 from lorsum.optim.lora_plus import lora_plus_param_groups
 from lorsum.optim.lora_pro import LoRAPro
+from lorsum.optim.lorsum import LoRSum
+from lorsum.optim.precond_lora import PrecondLoRA
+from lorsum.optim.scaled_lorsum import ScaledLoRSum
+from lorsum.optim.svd_lora import SVDLoRA
 
 __all__ = ["METHODS", "create_optimizer", "find_lora_pairs"]
 
@@ -103,8 +107,6 @@ def create_optimizer(
     if dense:
         groups.append(dense_param_group(dense, lr=dense_lr, dense_optimizer=dense_optimizer))
     if method in ("precond_sgd", "precond_adamw"):
-        from lorsum.optim.precond_lora import PrecondLoRA
-
         base = "sgd" if method == "precond_sgd" else "adamw"
         return PrecondLoRA(groups, lr=lr, base=base, **hparams)
     if method == "lora_pro":
@@ -114,18 +116,9 @@ def create_optimizer(
     if method == "scaled_lorsum" and hparams.get("metric", "kfac") == "kfac":
         statistics = hparams.get("metric_form", "diagonal")
     capture = GradientCapture(pairs, grad_scaler=grad_scaler, statistics=statistics)
+    cls = {"lorsum": LoRSum, "svdlora": SVDLoRA, "scaled_lorsum": ScaledLoRSum}[method]
     try:
-        if method == "lorsum":
-            from lorsum.optim.lorsum import LoRSum
-
-            return LoRSum(groups, lr=lr, capture=capture, **hparams)
-        if method == "svdlora":
-            from lorsum.optim.svd_lora import SVDLoRA
-
-            return SVDLoRA(groups, lr=lr, capture=capture, **hparams)
-        from lorsum.optim.scaled_lorsum import ScaledLoRSum
-
-        return ScaledLoRSum(groups, lr=lr, capture=capture, **hparams)
+        return cls(groups, lr=lr, capture=capture, **hparams)
     except BaseException:
         capture.remove()  # a failed construction must not leave hooks on the user's model
         raise

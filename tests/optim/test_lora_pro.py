@@ -332,9 +332,9 @@ def test_loss_decreases(mode, lr):
         ({"betas": (0.9, -0.1)}, r"Invalid betas: \(0.9, -0.1\)"),
         ({"betas": (0.9,)}, r"Invalid betas: \(0.9,\)"),
         ({"eps": 0.0}, r"Invalid eps: 0.0 \(must be > 0\)"),
-        ({"damping": -1e-3}, r"Invalid damping: -0.001 \(must be >= 0\)"),
-        ({"lr": -1.0}, r"Invalid lr: -1.0 \(must be >= 0\)"),
-        ({"weight_decay": -0.1}, r"Invalid weight_decay: -0.1 \(must be >= 0\)"),
+        ({"damping": -1e-3}, r"Invalid damping: -0.001 \(must be finite and >= 0\)"),
+        ({"lr": -1.0}, r"Invalid lr: -1.0 \(must be finite and >= 0\)"),
+        ({"weight_decay": -0.1}, r"Invalid weight_decay: -0.1 \(must be finite and >= 0\)"),
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs, pattern):

@@ -5,6 +5,15 @@ from lorsum.optim.lora_plus import lora_plus_param_groups
 from lorsum.optim.lora_pro import LoRAPro
 from lorsum.optim.lorsum import LoRSum
 from lorsum.optim.precond_lora import PrecondLoRA
+from lorsum.optim.scaled_lorsum import ScaledLoRSum
 from lorsum.optim.svd_lora import SVDLoRA
 
-__all__ = ["LoRAOptimizer", "LoRAPro", "LoRSum", "PrecondLoRA", "SVDLoRA", "lora_plus_param_groups"]
+__all__ = [
+    "LoRAOptimizer",
+    "LoRAPro",
+    "LoRSum",
+    "PrecondLoRA",
+    "SVDLoRA",
+    "ScaledLoRSum",
+    "lora_plus_param_groups",
+]

@@ -251,6 +251,29 @@ class LoRAOptimizer(Optimizer):
         name = group.get("compute_dtype")
         return None if name is None else _COMPUTE_DTYPES[name]
 
+    def _low_rank_momentum(
+        self, group: dict[str, Any], A: Tensor, B: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The momentum factors ``(M_B (m, r'), M_A (r', n))``, created at the first step.
+
+        ``M_B = 0`` (so ``M_0 = 0``) and ``M_A`` has orthonormal rows: the starting subspace of
+        the momentum's subspace iteration, spanning ``A``'s rows first (where the adapter already
+        lives) and completed by a fixed pseudo-random basis.
+        """
+        state_A, state_B = self.state[A], self.state[B]
+        if "momentum_buffer" not in state_B:
+            n = A.shape[1]
+            rank = min(group["momentum_rank"] or A.shape[0], n)
+            # Columns in QR order: A's rows first, so the basis spans them before the rest.
+            generator = torch.Generator().manual_seed(n * 7919 + rank)
+            rows = torch.randn(rank, n, generator=generator, dtype=torch.float64)
+            kept = min(rank, A.shape[0])
+            rows[:kept] = A[:kept].detach().double().cpu()
+            basis = torch.linalg.qr(rows.T).Q.T  # (r', n), orthonormal rows
+            state_A["momentum_buffer"] = basis.to(device=A.device, dtype=A.dtype)
+            state_B["momentum_buffer"] = B.new_zeros(B.shape[0], rank)
+        return state_B["momentum_buffer"], state_A["momentum_buffer"]
+
     def _commit_(self, group_state: dict[str, Any], updates: list[tuple[Tensor, Tensor]]) -> None:
         """Write ``new`` into each ``target`` only if every new value is finite.
 
@@ -270,5 +293,5 @@ def _check_non_negative(group: dict[str, Any], key: str) -> None:
     value = group.get(key)
     if isinstance(value, Tensor):
         return  # tensor hyperparameters (e.g. a scheduled lr) are checked by their owner
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-        raise ValueError(f"Invalid {key}: {value!r} (must be >= 0)")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"Invalid {key}: {value!r} (must be finite and >= 0)")

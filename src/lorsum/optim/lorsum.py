@@ -123,7 +123,7 @@ class LoRSum(LoRAOptimizer):
         terms: list[Any] = [(B, A), *gradient]
         weights: list[Any] = [1.0 - lr * group["weight_decay"]] + [-lr / s**2] * len(gradient)
         if beta > 0:
-            M_B, M_A = self._momentum_buffers(group, A, B)
+            M_B, M_A = self._low_rank_momentum(group, A, B)
             terms.append((M_B, M_A))
             weights.append(-lr * beta / s)
         B_new, A_new = lorsum(terms, weights, (B, A), damping=group["damping"] * lr / s, **options)
@@ -140,26 +140,3 @@ class LoRSum(LoRAOptimizer):
             updates += [(M_B, M_B_new), (M_A, M_A_new)]
         self._commit_(state_B, updates)
         state_B["step"] += 1
-
-    def _momentum_buffers(
-        self, group: dict[str, Any], A: Tensor, B: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """The momentum factors ``(M_B (m, r'), M_A (r', n))``, created at the first step.
-
-        ``M_B = 0`` (so ``M_0 = 0``) and ``M_A`` has orthonormal rows: the starting subspace of
-        the momentum's subspace iteration, spanning ``A``'s rows first (where the adapter already
-        lives) and completed by a fixed pseudo-random basis.
-        """
-        state_A, state_B = self.state[A], self.state[B]
-        if "momentum_buffer" not in state_B:
-            n = A.shape[1]
-            rank = min(group["momentum_rank"] or A.shape[0], n)
-            # Columns in QR order: A's rows first, so the basis spans them before the rest.
-            generator = torch.Generator().manual_seed(n * 7919 + rank)
-            rows = torch.randn(rank, n, generator=generator, dtype=torch.float64)
-            kept = min(rank, A.shape[0])
-            rows[:kept] = A[:kept].detach().double().cpu()
-            basis = torch.linalg.qr(rows.T).Q.T  # (r', n), orthonormal rows
-            state_A["momentum_buffer"] = basis.to(device=A.device, dtype=A.dtype)
-            state_B["momentum_buffer"] = B.new_zeros(B.shape[0], rank)
-        return state_B["momentum_buffer"], state_A["momentum_buffer"]
