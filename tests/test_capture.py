@@ -46,18 +46,17 @@ def test_captured_gradient_is_scaling_times_autograds_full_gradient(dropout):
                 assert ref.rel_err(G, pair.scaling * G_w) <= 1e-12
 
 
-def test_eval_and_no_grad_forwards_record_nothing():
+def test_only_back_propagated_forwards_are_recorded():
     model, pairs = tiny_lora_model(seed=4)
     x, y = regression_batch(seed=5)
     with GradientCapture(pairs) as capture:
         with torch.no_grad():
             model(x)
         model.eval()
-        (model(x) - y).square().mean().backward()
+        model(x)  # an evaluation forward, never differentiated
         assert all(capture.peek(p.B) is None for p in pairs)
-        model.train()
-        (model(x) - y).square().mean().backward()
-        assert all(capture.peek(p.B) is not None for p in pairs)
+        (model(x) - y).square().mean().backward()  # training in eval mode (dropout off) counts
+        assert all(capture.peek(p.B).num_rows == 32 for p in pairs)
 
 
 def test_micro_batches_sum_and_a_zeroed_window_starts_over():
@@ -182,5 +181,9 @@ def test_invalid_captures_raise_with_the_offending_values():
         GradientCapture(pairs, statistics="full")
     with pytest.raises(ValueError, match=r"no LoRA pairs given"):
         GradientCapture([])
+    pairs[0].B.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"LoRA pair '0' has a frozen factor"):
+        GradientCapture(pairs)
+    pairs[0].B.requires_grad_(True)
     with GradientCapture(pairs[:1]) as capture, pytest.raises(KeyError, match="not the B factor"):
         capture.pop(pairs[1].B)

@@ -12,9 +12,10 @@ Design (why it is built this way):
   written onto the modules and no optimizer registers hooks behind the user's back.
 * **Rows are recorded at backward time.** A forward hook on the down map remembers its input;
   a forward hook on the up map attaches a tensor hook to its output, which fires only if that
-  output is really back-propagated. So eval forwards, ``no_grad`` forwards and the first pass of
-  gradient checkpointing (whose outputs are never differentiated) record nothing, and
-  checkpointing gives the same rows as no checkpointing.
+  output is really back-propagated. So evaluation forwards, ``no_grad`` forwards and the first
+  pass of gradient checkpointing (whose outputs are never differentiated) record nothing, and
+  checkpointing gives the same rows as no checkpointing. Training with the model in ``eval()``
+  mode (dropout off) is recorded like any other differentiated forward.
 * **A window is the life of ``.grad``.** Micro-batches between two optimizer steps are summed
   exactly (the Trainer already scales each micro-batch loss). If a backward has finished into the
   buffer (seen by a post-accumulate-grad hook on ``B``) and a later backward finds ``B.grad`` set
@@ -154,6 +155,11 @@ class GradientCapture:
                 )
             if pair.B in self._sites:
                 raise ValueError(f"LoRA pair {pair.name!r} is given twice")
+            if not (pair.A.requires_grad and pair.B.requires_grad):
+                raise ValueError(
+                    f"LoRA pair {pair.name!r} has a frozen factor (requires_grad=False); the "
+                    "full-gradient optimizers update both A and B"
+                )
             site = _Site(pair, statistics)
             self._sites[pair.B] = site
             down, up = pair.modules
@@ -216,8 +222,10 @@ class _Site:
         self._down_output: Tensor | None = None
 
     def on_down_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        # Only differentiated training forwards count; the pending input waits for the up map.
-        if module.training and torch.is_grad_enabled() and isinstance(output, Tensor):
+        # The pending input waits for the up map. Rows are recorded only if the up output is
+        # back-propagated, so forwards that are never differentiated (evaluation, no_grad, the
+        # first pass of checkpointing) leave nothing, whatever the module's train/eval mode.
+        if torch.is_grad_enabled() and isinstance(output, Tensor):
             self._down_input, self._down_output = args[0].detach(), output
         else:
             self._down_input = self._down_output = None

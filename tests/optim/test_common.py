@@ -161,7 +161,14 @@ def test_capture_based_methods_expose_their_capture_and_it_comes_off():
     opt.capture.remove()
     x, y = regression_batch(seed=3)
     (model(x) - y).square().mean().backward()
-    opt.step()  # nothing captured: every pair is left untouched, nothing raises
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(RuntimeWarning, match=r"has a gradient but no captured rows"):
+        opt.step()  # nothing captured: the pairs are left untouched, loudly
+    lora = {id(p) for m in model.modules() if isinstance(m, lorsum.LoRALinear)
+            for p in (m.lora_A.weight, m.lora_B.weight)}  # fmt: skip
+    for p, old in zip(model.parameters(), before, strict=True):
+        if id(p) in lora:
+            assert torch.equal(p, old)
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ or SGD (``dense_optimizer``). Every hyperparameter lives in the group, so schedu
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -159,9 +160,18 @@ class LoRAOptimizer(Optimizer):
         for group in self.param_groups:
             if group["kind"] == "dense":
                 self._step_dense_group(group)
-            else:
-                A, B = group["params"]
-                self._step_lora_group(group, A, B, captured.get(B))
+                continue
+            A, B = group["params"]
+            if self.needs_capture and B not in captured and B.grad is not None:
+                # Autograd reached the pair but the capture saw no rows: hooks removed, or a
+                # forward that does not chain up(down(x)). Say so instead of silently skipping.
+                warnings.warn(
+                    f"LoRA pair {group['name']!r} has a gradient but no captured rows; it is not "
+                    "updated this step (was the capture removed, or the layer's forward changed?)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self._step_lora_group(group, A, B, captured.get(B))
         return loss
 
     def _step_lora_group(
