@@ -1,0 +1,24 @@
+"""The optimizer_state benchmark's quick mode runs and measures LoRA-Pro's full-size moments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_records_lora_pro_s_full_size_moments(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.optimizer_state", "--quick", "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "state.json").read_text())
+    by_method = {r["method"]: r for r in record["results"]}
+    base = by_method["lora_pro"]["base_weight_bytes_per_block"]
+    # exp_avg and exp_avg_sq of every m x n weight, in float32: twice the base weights' bytes.
+    assert by_method["lora_pro"]["state_bytes_per_block"] == 2 * base
+    assert by_method["lorsum"]["state_bytes_per_block"] < base / 1000
