@@ -19,6 +19,7 @@ def test_quick_run_records_lora_pro_s_full_size_moments(tmp_path):
     record = json.loads((tmp_path / "state.json").read_text())
     by_method = {r["method"]: r for r in record["results"]}
     base = by_method["lora_pro"]["base_weight_bytes_per_block"]
-    # exp_avg and exp_avg_sq of every m x n weight, in float32: twice the base weights' bytes.
-    assert by_method["lora_pro"]["state_bytes_per_block"] == 2 * base
+    # exp_avg and exp_avg_sq of every m x n weight, in float32: twice the base weights' bytes,
+    # plus a few 0-d counters (step, skipped_steps).
+    assert 2 * base <= by_method["lora_pro"]["state_bytes_per_block"] < 2 * base + 1024
     assert by_method["lorsum"]["state_bytes_per_block"] < base / 1000
