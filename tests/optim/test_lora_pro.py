@@ -327,11 +327,11 @@ def test_loss_decreases(mode, lr):
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"mode": "foo"}, r"Invalid mode: 'foo' \(must be 'full_adam' or 'sgd'\)"),
+        ({"mode": "foo"}, r"Invalid mode: 'foo' \(must be one of 'full_adam', 'sgd'\)"),
         ({"betas": (1.0, 0.999)}, r"Invalid betas: \(1.0, 0.999\) \(must be two numbers"),
         ({"betas": (0.9, -0.1)}, r"Invalid betas: \(0.9, -0.1\)"),
         ({"betas": (0.9,)}, r"Invalid betas: \(0.9,\)"),
-        ({"eps": 0.0}, r"Invalid eps: 0.0 \(must be > 0\)"),
+        ({"eps": 0.0}, r"Invalid eps: 0.0 \(must be finite and > 0\)"),
         ({"damping": -1e-3}, r"Invalid damping: -0.001 \(must be finite and >= 0\)"),
         ({"lr": -1.0}, r"Invalid lr: -1.0 \(must be finite and >= 0\)"),
         ({"weight_decay": -0.1}, r"Invalid weight_decay: -0.1 \(must be finite and >= 0\)"),

@@ -305,3 +305,41 @@ def _check_non_negative(group: dict[str, Any], key: str) -> None:
         return  # tensor hyperparameters (e.g. a scheduled lr) are checked by their owner
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
         raise ValueError(f"Invalid {key}: {value!r} (must be finite and >= 0)")
+
+
+def _check_positive(group: dict[str, Any], key: str) -> None:
+    value = group.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise ValueError(f"Invalid {key}: {value!r} (must be finite and > 0)")
+
+
+def _check_choice(group: dict[str, Any], key: str, allowed: tuple[str, ...]) -> None:
+    if group[key] not in allowed:
+        raise ValueError(
+            f"Invalid {key}: {group[key]!r} (must be one of {', '.join(map(repr, allowed))})"
+        )
+
+
+def _check_count(group: dict[str, Any], key: str, *, minimum: int, optional: bool = False) -> None:
+    """An int ``>= minimum`` (or ``None`` when ``optional``): sweeps, ranks, iterations."""
+    value = group[key]
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an int >= {minimum}" + (" or None" if optional else "")
+        raise ValueError(f"Invalid {key}: {value!r} (must be {allowed})")
+
+
+def _check_fraction(group: dict[str, Any], key: str) -> None:
+    """A momentum-like coefficient in ``[0, 1)``."""
+    value = group[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {key}: {value!r} (must be in [0, 1))")
+
+
+def _check_betas(group: dict[str, Any]) -> None:
+    betas = group["betas"]
+    ok = isinstance(betas, tuple | list) and len(betas) == 2
+    ok = ok and all(not isinstance(b, bool) and isinstance(b, int | float) for b in betas)
+    if not (ok and all(0.0 <= b < 1.0 for b in betas)):
+        raise ValueError(f"Invalid betas: {betas!r} (must be two numbers in [0, 1))")

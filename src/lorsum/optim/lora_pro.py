@@ -12,7 +12,13 @@ from torch import Tensor
 from lorsum.capture import CapturedGradient
 from lorsum.functional.linalg import default_compute_dtype
 from lorsum.functional.lora_pro import lora_pro_adam, lora_pro_gradients
-from lorsum.optim._base import LoRAOptimizer, _check_non_negative
+from lorsum.optim._base import (
+    LoRAOptimizer,
+    _check_betas,
+    _check_choice,
+    _check_non_negative,
+    _check_positive,
+)
 
 __all__ = ["LoRAPro"]
 
@@ -133,18 +139,9 @@ class LoRAPro(LoRAOptimizer):
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)
         _check_non_negative(group, "damping")
-        if group["mode"] not in _MODES:
-            raise ValueError(f"Invalid mode: {group['mode']!r} (must be 'full_adam' or 'sgd')")
-        betas = group["betas"]
-        if (
-            not isinstance(betas, tuple | list)
-            or len(betas) != 2
-            or not all(isinstance(b, int | float) and 0.0 <= b < 1.0 for b in betas)
-        ):
-            raise ValueError(f"Invalid betas: {betas!r} (must be two numbers in [0, 1))")
-        eps = group["eps"]
-        if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
-            raise ValueError(f"Invalid eps: {eps!r} (must be > 0)")
+        _check_choice(group, "mode", _MODES)
+        _check_betas(group)
+        _check_positive(group, "eps")
 
     def _step_lora_group(
         self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None

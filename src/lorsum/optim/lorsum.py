@@ -9,7 +9,12 @@ from torch import Tensor
 
 from lorsum.capture import CapturedGradient, GradientCapture
 from lorsum.functional import lorsum
-from lorsum.optim._base import LoRAOptimizer, _check_non_negative
+from lorsum.optim._base import (
+    LoRAOptimizer,
+    _check_count,
+    _check_fraction,
+    _check_non_negative,
+)
 
 __all__ = ["LoRSum"]
 
@@ -99,14 +104,9 @@ class LoRSum(LoRAOptimizer):
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)
         _check_non_negative(group, "damping")
-        num_iters = group["num_iters"]
-        if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 0:
-            raise ValueError(f"Invalid num_iters: {num_iters!r} (must be an int >= 0)")
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"Invalid momentum: {group['momentum']!r} (must be in [0, 1))")
-        rank = group["momentum_rank"]
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"Invalid momentum_rank: {rank!r} (must be an int >= 1 or None)")
+        _check_count(group, "num_iters", minimum=0)
+        _check_fraction(group, "momentum")
+        _check_count(group, "momentum_rank", minimum=1, optional=True)
 
     def _step_lora_group(
         self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None

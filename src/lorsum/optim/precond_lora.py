@@ -9,7 +9,14 @@ from torch import Tensor
 
 from lorsum.capture import CapturedGradient
 from lorsum.functional.preconditioning import riemannian_precondition
-from lorsum.optim._base import LoRAOptimizer, _check_non_negative
+from lorsum.optim._base import (
+    LoRAOptimizer,
+    _check_betas,
+    _check_choice,
+    _check_fraction,
+    _check_non_negative,
+    _check_positive,
+)
 
 __all__ = ["PrecondLoRA"]
 
@@ -76,14 +83,11 @@ class PrecondLoRA(LoRAOptimizer):
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)
         _check_non_negative(group, "damping")
-        if group["base"] not in ("sgd", "adamw"):
-            raise ValueError(f"Invalid base: {group['base']!r} (must be 'sgd' or 'adamw')")
-        if group["order"] not in ("simultaneous", "sequential"):
-            raise ValueError(
-                f"Invalid order: {group['order']!r} (must be 'simultaneous' or 'sequential')"
-            )
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"Invalid momentum: {group['momentum']!r} (must be in [0, 1))")
+        _check_choice(group, "base", ("sgd", "adamw"))
+        _check_choice(group, "order", ("simultaneous", "sequential"))
+        _check_fraction(group, "momentum")
+        _check_betas(group)
+        _check_positive(group, "eps")
 
     def _step_lora_group(
         self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None

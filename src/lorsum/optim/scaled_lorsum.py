@@ -19,7 +19,13 @@ from lorsum.functional import (
     running_average_,
     shampoo_statistics,
 )
-from lorsum.optim._base import LoRAOptimizer, _check_non_negative
+from lorsum.optim._base import (
+    LoRAOptimizer,
+    _check_betas,
+    _check_choice,
+    _check_count,
+    _check_non_negative,
+)
 
 __all__ = ["ScaledLoRSum"]
 
@@ -197,17 +203,10 @@ class ScaledLoRSum(LoRAOptimizer):
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)
         _check_non_negative(group, "damping")
-        num_iters = group["num_iters"]
-        if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 0:
-            raise ValueError(f"Invalid num_iters: {num_iters!r} (must be an int >= 0)")
-        for key, allowed in (
-            ("metric", _METRICS),
-            ("metric_form", _METRIC_FORMS),
-            ("loss_reduction", _LOSS_REDUCTIONS),
-        ):
-            if group[key] not in allowed:
-                choices = ", ".join(map(repr, allowed))
-                raise ValueError(f"Invalid {key}: {group[key]!r} (must be one of {choices})")
+        _check_count(group, "num_iters", minimum=0)
+        _check_choice(group, "metric", _METRICS)
+        _check_choice(group, "metric_form", _METRIC_FORMS)
+        _check_choice(group, "loss_reduction", _LOSS_REDUCTIONS)
         power = group["metric_power"]
         if not (_is_real(power) and 0.0 <= power <= 1.0):
             raise ValueError(f"Invalid metric_power: {power!r} (must be in [0, 1])")
@@ -221,20 +220,12 @@ class ScaledLoRSum(LoRAOptimizer):
                 f"Invalid metric_damping: {delta!r} (must be > 0 when metric_power > 0, "
                 f"here {power!r})"
             )
-        betas = group["betas"]
-        if not (
-            isinstance(betas, tuple | list)
-            and len(betas) == 2
-            and all(_is_real(beta) and 0.0 <= beta < 1.0 for beta in betas)
-        ):
-            raise ValueError(f"Invalid betas: {betas!r} (must be a pair (β1, β2), each in [0, 1))")
+        _check_betas(group)
         if not isinstance(group["bias_correction"], bool):
             raise ValueError(
                 f"Invalid bias_correction: {group['bias_correction']!r} (must be True or False)"
             )
-        rank = group["momentum_rank"]
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"Invalid momentum_rank: {rank!r} (must be an int >= 1 or None)")
+        _check_count(group, "momentum_rank", minimum=1, optional=True)
         self._check_capture_statistics(group)
 
     def _check_capture_statistics(self, group: dict[str, Any]) -> None:

@@ -15,7 +15,12 @@ from lorsum.functional import (
     randomized_svd,
     truncated_svd,
 )
-from lorsum.optim._base import LoRAOptimizer, _check_non_negative
+from lorsum.optim._base import (
+    LoRAOptimizer,
+    _check_choice,
+    _check_count,
+    _check_fraction,
+)
 
 __all__ = ["SVDLoRA"]
 
@@ -82,12 +87,10 @@ class SVDLoRA(LoRAOptimizer):
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)
-        if not 0.0 <= group["momentum"] < 1.0:
-            raise ValueError(f"Invalid momentum: {group['momentum']!r} (must be in [0, 1))")
-        if group["svd"] not in ("exact", "randomized"):
-            raise ValueError(f"Invalid svd: {group['svd']!r} (must be 'exact' or 'randomized')")
-        for key in ("oversamples", "power_iters"):
-            _check_non_negative(group, key)
+        _check_fraction(group, "momentum")
+        _check_choice(group, "svd", ("exact", "randomized"))
+        _check_count(group, "oversamples", minimum=0)
+        _check_count(group, "power_iters", minimum=0)
 
     def _step_lora_group(
         self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
