@@ -73,3 +73,35 @@ def tiny_lora_model(
 def regression_batch(rows: int = 32, *, seed: int = 0, dtype: torch.dtype = torch.float64):
     """Inputs ``(rows, 8)`` and targets ``(rows, 4)`` for :func:`tiny_lora_model`."""
     return randn(rows, 8, seed=seed, dtype=dtype), randn(rows, 4, seed=seed + 1, dtype=dtype)
+
+
+def mse(model, x, y):
+    """The squared-error loss every optimizer test trains on."""
+    return (model(x) - y).square().mean()
+
+
+def lora_layers(model):
+    """The model's ``LoRALinear`` layers, in ``modules()`` order."""
+    import lorsum
+
+    return [m for m in model.modules() if isinstance(m, lorsum.LoRALinear)]
+
+
+def full_weight_gradients(model, x, y):
+    """``∂L/∂W`` of every adapted layer, by autograd on a copy whose base weights are trainable.
+
+    A copy, so that no hook of a capture on ``model`` sees this extra backward.
+    """
+    import copy
+
+    twin = copy.deepcopy(model)
+    layers = lora_layers(twin)
+    for layer in layers:
+        layer.base.weight.requires_grad_(True)
+    return torch.autograd.grad(mse(twin, x, y), [layer.base.weight for layer in layers])
+
+
+def adapter_products(model):
+    """``s · B @ A`` of every adapted layer (detached)."""
+    with torch.no_grad():
+        return [m.scaling * m.lora_B.weight @ m.lora_A.weight for m in lora_layers(model)]

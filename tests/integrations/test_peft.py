@@ -25,22 +25,8 @@ transformers = pytest.importorskip("transformers")
 import lorsum  # noqa: E402
 from lorsum.functional import best_rank_r  # noqa: E402
 from lorsum.integrations.peft import dense_parameters, lora_pairs, param_groups  # noqa: E402
+from tests.integrations.tiny_models import SEQ, VOCAB, bert_config  # noqa: E402
 from tests.reference import gauss_seidel_sweep, rel_err, riemannian_step  # noqa: E402
-
-VOCAB, SEQ = 100, 7
-
-
-def bert_config() -> transformers.BertConfig:
-    # No dropout in the base model: the only randomness left is LoRA's own dropout.
-    return transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=VOCAB,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
 
 
 def peft_bert(*, seed: int = 0, B_std: float = 0.5, **lora_kwargs) -> nn.Module:

@@ -27,21 +27,13 @@ from lorsum.integrations.transformers import (  # noqa: E402
     check_training_arguments,
     optimizer_cls_and_kwargs,
 )
+from tests.integrations.tiny_models import SEQ, VOCAB, bert_config  # noqa: E402
 
-VOCAB, SEQ = 100, 7
 LORSUM = {"lr": 0.05, "num_iters": 1, "damping": 1e-3}
 
 
 def peft_bert(seed: int = 0, lora_dropout: float = 0.1) -> nn.Module:
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=37,
-        vocab_size=VOCAB,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+    config = bert_config()
     lora = peft.LoraConfig(
         r=4,
         lora_alpha=8,

@@ -17,34 +17,18 @@ import pytest
 import torch
 
 import lorsum
-from lorsum import LoRALinear, pair_param_groups
+from lorsum import pair_param_groups
 from lorsum.optim.lora_pro import LoRAPro
 from tests import reference as ref
-from tests.utils import regression_batch, tiny_lora_model
+from tests.utils import (
+    adapter_products,
+    full_weight_gradients,
+    mse,
+    regression_batch,
+    tiny_lora_model,
+)
 
 F64 = torch.float64
-
-
-def _loss(model, x, y):
-    return (model(x) - y).square().mean()
-
-
-def _adapters(model):
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def _w_gradients(model, x, y):
-    """``G = ∂L/∂W`` of every adapted layer: autograd on a copy whose base weights are trainable."""
-    twin = copy.deepcopy(model)
-    layers = _adapters(twin)
-    for layer in layers:
-        layer.base.weight.requires_grad_(True)
-    return torch.autograd.grad(_loss(twin, x, y), [layer.base.weight for layer in layers])
-
-
-def _products(model):
-    with torch.no_grad():
-        return [m.scaling * m.lora_B.weight @ m.lora_A.weight for m in _adapters(model)]
 
 
 def _tangent_projection(A, B, G):
@@ -55,7 +39,7 @@ def _tangent_projection(A, B, G):
 
 def _backward(model, x, y):
     model.zero_grad(set_to_none=True)
-    _loss(model, x, y).backward()
+    mse(model, x, y).backward()
 
 
 def _setup(seed=0, alpha=6.0, **kwargs):
@@ -71,7 +55,7 @@ def _setup(seed=0, alpha=6.0, **kwargs):
 def test_sgd_step_is_the_adjusted_gradient_step():
     lr = 0.1
     model, pairs, x, y, opt = _setup(mode="sgd", lr=lr, damping=0.0)
-    grads = _w_gradients(model, x, y)
+    grads = full_weight_gradients(model, x, y)
     before = [(p.A.detach().clone(), p.B.detach().clone()) for p in pairs]
     _backward(model, x, y)
     opt.step()
@@ -97,11 +81,11 @@ def test_sgd_step_does_not_depend_on_the_lora_scale():
             for pair in pairs:  # the same product s·BA for both scales
                 pair.B.mul_(3.0 / alpha)
         x, y = regression_batch(seed=3)
-        start = _products(model)
+        start = adapter_products(model)
         opt = LoRAPro(pair_param_groups(pairs), mode="sgd", lr=lr, damping=0.0)
         _backward(model, x, y)
         opt.step()
-        changes.append([new - old for new, old in zip(_products(model), start, strict=True)])
+        changes.append([new - old for new, old in zip(adapter_products(model), start, strict=True)])
     for one, four in zip(*changes, strict=True):
         # First order is scale-free; the lr² term s·g_B g_A is not (it scales as 1/s).
         assert ref.rel_err(one, four) <= 5e-2
@@ -114,14 +98,14 @@ def test_first_full_adam_step_is_the_projected_sign_step_to_second_order(betas):
     errors = []
     for lr in (1e-3, 1e-4):
         model, pairs, x, y, opt = _setup(seed=4, lr=lr, betas=betas, eps=eps, damping=0.0)
-        grads = _w_gradients(model, x, y)
+        grads = full_weight_gradients(model, x, y)
         factors = [(p.A.detach().clone(), p.B.detach().clone()) for p in pairs]
-        start = _products(model)
+        start = adapter_products(model)
         _backward(model, x, y)
         opt.step()
         error = 0.0
         for pair, (A, B), G, old, new in zip(
-            pairs, factors, grads, start, _products(model), strict=True
+            pairs, factors, grads, start, adapter_products(model), strict=True
         ):
             g_eq = _tangent_projection(A, B, G)
             state = opt.state[pair.B]
@@ -167,7 +151,7 @@ def test_weight_decay_shrinks_the_adapter_product_in_w_space(mode):
         model, _, x, y, opt = _setup(seed=6, mode=mode, lr=lr, weight_decay=weight_decay)
         _backward(model, x, y)
         opt.step()
-        products.append(_products(model))
+        products.append(adapter_products(model))
     for plain, decayed in zip(*products, strict=True):
         assert ref.rel_err(decayed, (1 - lr * wd) * plain) <= 1e-12
 
@@ -313,12 +297,12 @@ def test_factors_and_moments_keep_the_parameter_dtype(dtype):
 def test_loss_decreases(mode, lr):
     model, _, x, y, opt = _setup(seed=17, mode=mode, lr=lr)
     with torch.no_grad():
-        start = float(_loss(model, x, y))
+        start = float(mse(model, x, y))
     for _ in range(25):
         _backward(model, x, y)
         opt.step()
     with torch.no_grad():
-        assert float(_loss(model, x, y)) < 0.9 * start
+        assert float(mse(model, x, y)) < 0.9 * start
 
 
 # --- errors ------------------------------------------------------------------------------------

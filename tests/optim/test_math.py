@@ -14,30 +14,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import lorsum
-from lorsum import GradientCapture, LoRALinear, LoRSum, PrecondLoRA, SVDLoRA, pair_param_groups
+from lorsum import GradientCapture, LoRSum, PrecondLoRA, SVDLoRA, pair_param_groups
 from tests import reference as ref
-from tests.utils import regression_batch, tiny_lora_model
-
-
-def _loss(model, x, y):
-    return (model(x) - y).square().mean()
-
-
-def _adapters(model):
-    return [m for m in model.modules() if isinstance(m, LoRALinear)]
-
-
-def _w_gradients(model, x, y):
-    """``∂L/∂W`` of every adapted layer, by autograd on a copy whose base weights are trainable."""
-    twin = copy.deepcopy(model)
-    layers = _adapters(twin)
-    for layer in layers:
-        layer.base.weight.requires_grad_(True)
-    return torch.autograd.grad(_loss(twin, x, y), [layer.base.weight for layer in layers])
-
-
-def _products(model):
-    return [layer.scaling * layer.lora_B.weight @ layer.lora_A.weight for layer in _adapters(model)]
+from tests.utils import (
+    adapter_products,
+    full_weight_gradients,
+    lora_layers,
+    mse,
+    regression_batch,
+    tiny_lora_model,
+)
 
 
 def _step(model, pairs, x, y, cls, *, micro_batches=1, use_checkpoint=None, **kwargs):
@@ -61,11 +47,15 @@ def test_many_sweeps_with_vanishing_damping_take_the_svdlora_step():
     x, y = regression_batch(seed=2)
     svd_model = copy.deepcopy(model)
     lr = 0.3
-    grads = _w_gradients(model, x, y)
-    expected = [ref.best_rank(P - lr * G, 3) for P, G in zip(_products(model), grads, strict=True)]
+    grads = full_weight_gradients(model, x, y)
+    expected = [
+        ref.best_rank(P - lr * G, 3) for P, G in zip(adapter_products(model), grads, strict=True)
+    ]
     _step(model, pairs, x, y, LoRSum, lr=lr, num_iters=300, damping=1e-12)
     _step(svd_model, lorsum.lora_pairs(svd_model), x, y, SVDLoRA, lr=lr)
-    for ours, svd, oracle in zip(_products(model), _products(svd_model), expected, strict=True):
+    for ours, svd, oracle in zip(
+        adapter_products(model), adapter_products(svd_model), expected, strict=True
+    ):
         assert ref.rel_err(svd, oracle) <= 1e-10
         assert ref.rel_err(ours, oracle) <= 1e-6
 
@@ -90,7 +80,7 @@ def test_one_sweep_is_the_gauss_seidel_closed_form():
     model, pairs = tiny_lora_model(seed=5, alpha=6.0)
     x, y = regression_batch(seed=6)
     s, lr, damping = pairs[0].scaling, 0.2, 0.05
-    grads = _w_gradients(model, x, y)
+    grads = full_weight_gradients(model, x, y)
     before = [(p.B.detach().clone(), p.A.detach().clone()) for p in pairs]
     _step(model, pairs, x, y, LoRSum, lr=lr, num_iters=1, damping=damping)
     for pair, (B0, A0), G in zip(pairs, before, grads, strict=True):
@@ -109,7 +99,7 @@ def test_the_step_does_not_depend_on_the_lora_scale(cls, kwargs):
     trajectories = []
     for alpha in (3.0, 12.0):  # s = 1 and s = 4, with factors rescaled to the same W
         model, pairs = tiny_lora_model(seed=8, alpha=3.0)
-        for layer in _adapters(model):
+        for layer in lora_layers(model):
             layer.scaling = alpha / 3
             with torch.no_grad():
                 layer.lora_A.weight.div_(layer.scaling**0.5)
@@ -119,9 +109,9 @@ def test_the_step_does_not_depend_on_the_lora_scale(cls, kwargs):
             opt = cls(pair_param_groups(pairs), lr=0.1, capture=capture, **kwargs)
             for _ in range(3):
                 opt.zero_grad()
-                _loss(model, x, y).backward()
+                mse(model, x, y).backward()
                 opt.step()
-        trajectories.append(_products(model))
+        trajectories.append(adapter_products(model))
     for one, four in zip(*trajectories, strict=True):
         assert ref.rel_err(four, one) <= 1e-9
 
@@ -137,7 +127,7 @@ def test_momentum_in_the_exact_limit_is_torch_heavy_ball_sgd_on_w():
         pairs[0].B.copy_(torch.randn(6, 6, dtype=torch.float64) * 0.5)
     dense = nn.Linear(8, 6).double()
     with torch.no_grad():
-        dense.weight.copy_(_adapters(model)[0].merged_weight())
+        dense.weight.copy_(lora_layers(model)[0].merged_weight())
         dense.bias.copy_(layer.bias)
     dense.bias.requires_grad_(False)
     reference = torch.optim.SGD([dense.weight], lr=0.05, momentum=0.8)
@@ -148,11 +138,11 @@ def test_momentum_in_the_exact_limit_is_torch_heavy_ball_sgd_on_w():
         for _ in range(5):
             opt.zero_grad()
             reference.zero_grad()
-            _loss(model, x, y).backward()
+            mse(model, x, y).backward()
             (dense(x) - y).square().mean().backward()
             opt.step()
             reference.step()
-            assert ref.rel_err(_adapters(model)[0].merged_weight(), dense.weight) <= 1e-8
+            assert ref.rel_err(lora_layers(model)[0].merged_weight(), dense.weight) <= 1e-8
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), [
@@ -186,14 +176,14 @@ def test_gradient_checkpointing_changes_nothing(use_reentrant):
 def test_clipping_uses_the_global_norm_of_the_full_gradients():
     model, pairs = tiny_lora_model(seed=13)
     x, y = regression_batch(seed=14)
-    grads = _w_gradients(model, x, y)
+    grads = full_weight_gradients(model, x, y)
     twin = copy.deepcopy(model)
     total = torch.sqrt(sum(g.square().sum() for g in grads))
     max_norm = 0.1 * float(total)
     with GradientCapture(pairs) as capture:
         opt = LoRSum(pair_param_groups(pairs), lr=0.2, damping=0.0, capture=capture,
                      max_grad_norm=max_norm)  # fmt: skip
-        _loss(model, x, y).backward()
+        mse(model, x, y).backward()
         opt.step()
     # The same step with the learning rate scaled by the clip coefficient instead (no damping:
     # LoRSum's damping scales with the learning rate, which would change the problem).
@@ -214,14 +204,14 @@ def test_loss_scaling_is_undone_and_an_overflowing_step_is_skipped_cleanly():
             opt = LoRSum(pair_param_groups(pairs), lr=0.1, capture=capture, num_iters=1)
             if scaled:  # an overflow first: the scaler skips the step, the rows must not leak
                 before = [p.detach().clone() for pair in pairs for p in (pair.A, pair.B)]
-                scaler.scale(_loss(model, x * float("inf"), y)).backward()
+                scaler.scale(mse(model, x * float("inf"), y)).backward()
                 scaler.step(opt)
                 scaler.update()
                 after = [p.detach().clone() for pair in pairs for p in (pair.A, pair.B)]
                 assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
                 opt.zero_grad()
             for _ in range(2):
-                scaler.scale(_loss(model, x, y)).backward()
+                scaler.scale(mse(model, x, y)).backward()
                 scaler.step(opt)
                 scaler.update()
                 opt.zero_grad()
