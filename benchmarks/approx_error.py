@@ -488,11 +488,11 @@ def measure_memory(method: str, size: int, cfg: CostConfig) -> dict[str, Any]:
     op(cost_step(tiny, replace(cfg, N=tiny)), cfg)
     step = cost_step(size, cfg)
     gc.collect()
-    hwm_reset = _reset_peak_rss()
-    rss_before = _current_rss_bytes()
-    hwm_before = _peak_rss_bytes()
+    hwm_reset = _results.reset_peak_rss()
+    rss_before = _results.current_rss_bytes()
+    hwm_before = _results.peak_rss_bytes()
     result = op(step, cfg)
-    hwm_after = _peak_rss_bytes()
+    hwm_after = _results.peak_rss_bytes()
     del result
     return {
         "peak_extra_bytes": hwm_after - rss_before,
@@ -504,35 +504,6 @@ def measure_memory(method: str, size: int, cfg: CostConfig) -> dict[str, Any]:
         "op_raised_peak": hwm_after > hwm_before,
         "hwm_reset": hwm_reset,
     }
-
-
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm", encoding="ascii") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    """This process's RSS high-water mark, ``VmHWM`` of /proc/self/status.
-
-    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: the kernel folds the pre-exec high-water mark into
-    it, and ``subprocess`` launches the child by vfork + exec from the parent, so a child's
-    ru_maxrss starts at the (large) peak of the benchmark process that spawned it.
-    """
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # reported in kB
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the RSS high-water mark to the current RSS (Linux ≥ 4.0); False where refused."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-            clear_refs.write("5")
-    except OSError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,316 @@
+"""``lorsum compare``: train every method on a task, side by side, and keep every run.
+
+One run is (task, variant, method, learning rate, seed). Each is written atomically to
+``<out-dir>/<task>-<variant>/<method>/lr<lr>-seed<seed>.json`` with its config and hash, the
+git SHA, package versions, device, the per-step curves, final metrics, wall time and peak memory.
+A run whose file holds the same config hash is loaded instead of re-run (``--force`` re-runs),
+so an interrupted sweep loses no finished run. At the end: a summary table (mean ± std over
+seeds), ``<task>-summary.json`` and a PNG plot of the curves.
+
+With ``--lr-sweep`` every method runs every learning rate of the list, and the summary keeps,
+per method, the rate with the lowest mean final metric: the same budget and the same grid for
+every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import _results
+from benchmarks.tasks import TASKS
+
+DEFAULT_OUT = Path("runs") / "compare"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    task = TASKS[args.task]
+    variants = args.variants or list(task.VARIANTS)
+    for variant in variants:
+        if variant not in task.VARIANTS:
+            parser.error(
+                f"unknown variant {variant!r} of {args.task} (choose from {task.VARIANTS})"
+            )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    runs = plan(task, variants, args)
+    records = execute(runs, args)
+    summary = summarize(task, args.task, variants, records)
+    summary_path = args.out_dir / f"{args.task}-summary.json"
+    _results.write_json_atomic(summary_path, summary)
+    print(format_summary(summary))
+    print(f"\nwrote {len(records)} run files under {args.out_dir} and {summary_path}")
+    if not args.no_plot:
+        from benchmarks.plots import plot_curves
+
+        png = args.out_dir / f"{args.task}.png"
+        plot_curves(summary, png)
+        print(f"wrote {png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorsum compare",
+        description=(
+            "Train LoRSum and every baseline on one task with equal budgets, several seeds, and "
+            "print a results table; every run is stored as JSON and the curves are plotted. "
+            "With no arguments: the synthetic low-rank task of the LoRSum paper, deterministic "
+            "and stochastic, every method, 3 seeds (a few minutes on 2 CPU cores)."
+        ),
+    )
+    parser.add_argument(
+        "--task", choices=sorted(TASKS), default="synthetic", help="the task (default: synthetic)"
+    )
+    parser.add_argument(
+        "--variants",
+        type=_names,
+        default=None,
+        help="comma-separated variants of the task (default: all)",
+    )
+    parser.add_argument(
+        "--methods",
+        type=_names,
+        default=None,
+        help="comma-separated methods (default: every method of the task)",
+    )
+    parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..S-1 (default: 3)")
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="optimizer steps per run (default: the task's budget)",
+    )
+    rates = parser.add_mutually_exclusive_group()
+    rates.add_argument(
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="one learning rate for every method (default: the task's tuned ones)",
+    )
+    rates.add_argument(
+        "--lr-sweep",
+        type=_rates,
+        default=None,
+        help="comma-separated learning rates: run each method at each, keep the best per method",
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("..") / "shared" / "data",
+        help="datasets for the real-data tasks (default: ../shared/data)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"where runs, summary and plot go (default: {DEFAULT_OUT})",
+    )
+    parser.add_argument("--force", action="store_true", help="re-run runs that are stored already")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    return parser  # fmt: skip
+
+
+def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every run's config, in a stable order."""
+    runs = []
+    for variant in variants:
+        table = task.methods(variant)
+        chosen = args.methods or list(table)
+        unknown = [m for m in chosen if m not in table]
+        if unknown:
+            raise SystemExit(
+                f"lorsum compare: unknown method(s) {', '.join(unknown)} for {variant} "
+                f"(choose from {', '.join(table)})"
+            )
+        for method in chosen:
+            optimizer, hparams = table[method]
+            if args.lr_sweep is not None:
+                rates = args.lr_sweep
+            else:
+                rates = [
+                    args.lr if args.lr is not None else task.default_learning_rate(variant, method)
+                ]
+            runs.extend(
+                {
+                    "task": args.task, "variant": variant, "method": method,
+                    "optimizer": optimizer, "hparams": hparams, "lr": lr, "seed": seed,
+                    "steps": args.steps or task.STEPS[variant], "device": args.device,
+                    "data_dir": str(args.data_dir) if task.NEEDS_DATA else None,
+                }
+                for lr in rates
+                for seed in range(args.seeds)
+            )  # fmt: skip
+    return runs
+
+
+def run_path(out_dir: Path, config: dict[str, Any]) -> Path:
+    name = f"lr{config['lr']:g}-seed{config['seed']}.json"
+    return out_dir / f"{config['task']}-{config['variant']}" / config["method"] / name
+
+
+def execute(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Load or run every run, writing each one as soon as it finishes."""
+    records = []
+    todo = [
+        c for c in runs if args.force or _results.load_current(run_path(args.out_dir, c), c) is None
+    ]
+    total_steps = sum(c["steps"] for c in todo)
+    with _Progress(total_steps, f"{len(todo)} of {len(runs)} runs to do") as advance:
+        for config in runs:
+            path = run_path(args.out_dir, config)
+            record = None if args.force else _results.load_current(path, config)
+            if record is None:
+                record = train_one(config, advance)
+                _results.write_json_atomic(path, record)
+            records.append(record)
+    return records
+
+
+def train_one(config: dict[str, Any], advance: Callable[[], None]) -> dict[str, Any]:
+    task = TASKS[config["task"]]
+    if config["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _results.reset_peak_rss()
+    rss_before = _results.current_rss_bytes()
+    start = time.perf_counter()
+    outcome = task.train(
+        config["variant"], config["method"], config["lr"], config["seed"],
+        steps=config["steps"], device=config["device"], progress=advance,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    memory = {"cpu_peak_rss_above_start_bytes": _results.peak_rss_bytes() - rss_before}
+    if config["device"] == "cuda":
+        memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return _results.make_record(
+        suite="compare", part=f"{config['task']}-{config['variant']}", config=config,
+        device=_device_name(config["device"]), dtype="float32", seeds=(config["seed"],),
+        wall_time_s=wall, results=outcome, summary={"peak_memory": memory},
+    )  # fmt: skip
+
+
+def summarize(task: Any, name: str, variants: Sequence[str], records: list[dict]) -> dict:
+    """Mean ± std over seeds per (variant, method, lr); the best lr per method; task extras."""
+    by_rate: dict[tuple[str, str], dict[float, list[dict]]] = {}
+    for record in records:
+        c = record["config"]
+        by_rate.setdefault((c["variant"], c["method"]), {}).setdefault(c["lr"], []).append(record)
+    out: dict[str, Any] = {"task": name, "metric": task.METRIC, "variants": {}}
+    for variant in variants:
+        entries = {}
+        for (v, method), rates in by_rate.items():
+            if v != variant:
+                continue
+            candidates = [_aggregate(task.METRIC, lr, group) for lr, group in rates.items()]
+            best = min(candidates, key=lambda e: _sort_key(e["final_mean"]))
+            sweep = [{"lr": e["lr"], "final_mean": e["final_mean"]} for e in candidates]
+            entries[method] = {**best, "sweep": sorted(sweep, key=lambda e: e["lr"])}
+        out["variants"][variant] = {"methods": entries, **task.extras(variant, entries)}
+    return out
+
+
+def _aggregate(metric: str, lr: float, group: list[dict]) -> dict[str, Any]:
+    finals = [r["results"]["final"][metric] for r in group]
+    curves = [r["results"]["curves"][metric] for r in group]
+    return {
+        "lr": lr,
+        "seeds": [r["config"]["seed"] for r in group],
+        "final_mean": statistics.fmean(finals),
+        "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+        "final_per_seed": finals,
+        "mean_curve": [statistics.fmean(step) for step in zip(*curves, strict=True)],
+        "wall_time_s_mean": statistics.fmean(r["wall_time_s"] for r in group),
+    }
+
+
+def _sort_key(value: float) -> float:
+    return math.inf if math.isnan(value) else value
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = []
+    for variant, data in summary["variants"].items():
+        lines.append(f"\n{summary['task']} ({variant}): final {summary['metric']}, mean ± std")
+        rows = [
+            [method, f"{e['lr']:g}", f"{e['final_mean']:.4g} ± {e['final_std']:.2g}",
+             f"{e['wall_time_s_mean']:.1f}"]
+            for method, e in data["methods"].items()
+        ]  # fmt: skip
+        lines.append(_results.markdown_table(["method", "lr", "final", "s / run"], rows))
+        for key, value in data.items():
+            if key != "methods":
+                lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return _results.cpu_model() or "cpu"
+
+
+class _Progress:
+    """A tqdm bar over training steps when tqdm is installed; a no-op otherwise."""
+
+    def __init__(self, total: int, description: str) -> None:
+        self.total, self.description = total, description
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[], None]:
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return lambda: None
+        self.bar = tqdm(total=self.total, desc=self.description, unit="step", leave=False)
+        return lambda: self.bar.update(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _names(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _rates(text: str) -> list[float]:
+    return [_positive_float(part) for part in _names(text)]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
