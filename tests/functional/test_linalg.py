@@ -58,3 +58,13 @@ def test_compute_dtype_is_at_least_float32():
     assert default_compute_dtype(torch.ones(1, dtype=torch.bfloat16)) == torch.float32
     assert default_compute_dtype(torch.ones(1, dtype=torch.float16)) == torch.float32
     assert default_compute_dtype(torch.ones(1), torch.ones(1, dtype=torch.float64)) == torch.float64
+
+
+def test_an_eigh_that_fails_to_converge_gives_nan_not_an_exception(monkeypatch):
+    def refuse(_):
+        raise torch.linalg.LinAlgError("failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", refuse)
+    Z = prox_solve(torch.eye(2, dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64),
+                   torch.zeros(2, 1, dtype=torch.float64), 0.0)  # fmt: skip
+    assert torch.isnan(Z).all()

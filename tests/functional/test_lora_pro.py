@@ -24,7 +24,8 @@ from lorsum.functional import (
     lora_pro_x,
     solve_symmetric_sylvester,
 )
-from lorsum.functional.lora_pro import _damped_cholesky, _symmetric_eigh
+from lorsum.functional.linalg import symmetric_eigh
+from lorsum.functional.lora_pro import _damped_cholesky
 from tests import reference as ref
 from tests.utils import randn, well_conditioned
 
@@ -275,7 +276,7 @@ def test_failed_cholesky_falls_back_to_the_clamped_eigh_factor():
     # An indefinite "Gram" (rounding gone wrong): Cholesky of K + δI fails, the factor is rebuilt
     # from the eigenvalues clamped at 0, i.e. L Lᵀ = diag(4, 0) + δI.
     K, damping = torch.diag(torch.tensor([4.0, -1.0], dtype=F64)), 0.5
-    lam, U = _symmetric_eigh(K)
+    lam, U = symmetric_eigh(K)
     L = _damped_cholesky(K, damping, lam.clamp_min(0) + damping, U)
     torch.testing.assert_close(L @ L.T, torch.diag(torch.tensor([4.5, 0.5], dtype=F64)))
     assert torch.equal(L, L.tril())

@@ -230,3 +230,17 @@ def test_invalid_param_groups_raise_with_the_offending_values():
         lorsum.LoRSum(groups, capture=other)
     capture.remove()
     other.remove()
+
+
+@pytest.mark.parametrize(("method", "hparams"), OPTIMIZER_DB, ids=IDS)
+def test_a_diverging_learning_rate_never_raises_nor_writes_non_finite_factors(method, hparams):
+    model, opt = _build(method, {**hparams, "lr": 1e12}, dtype=torch.float32)
+    x, y = regression_batch(seed=6, dtype=torch.float32)
+    for _ in range(4):
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+    if method not in ("adamw", "sgd", "loraplus"):  # torch's own optimizers make no such promise
+        lora = [p for m in model.modules() if isinstance(m, lorsum.LoRALinear)
+                for p in (m.lora_A.weight, m.lora_B.weight)]  # fmt: skip
+        assert all(torch.isfinite(p).all() for p in lora)

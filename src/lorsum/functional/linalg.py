@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["default_compute_dtype", "prox_solve"]
+__all__ = ["default_compute_dtype", "prox_solve", "symmetric_eigh"]
 
 
 def default_compute_dtype(*tensors: Tensor) -> torch.dtype:
@@ -56,17 +56,31 @@ def prox_solve(gram: Tensor, rhs: Tensor, anchor: Tensor, damping: float) -> Ten
     return _eigh_prox_solve(gram, rhs, anchor, 0.0)
 
 
+def symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetric part of ``M (…, r, r)`` that never raises.
+
+    Grams formed as products are symmetric only up to rounding, so the symmetric part is
+    decomposed. A non-finite ``M`` (a NaN gradient upstream) or a LAPACK failure to converge (a
+    finite but astronomically large Gram, as in a diverging run) gives NaN eigenvalues and
+    vectors instead of an exception, so the optimizers' finiteness guards skip that step. No
+    value is read back from the device except when ``eigh`` itself raises.
+    """
+    finite = torch.isfinite(M).all()
+    safe = torch.where(finite, 0.5 * (M + M.mT), torch.zeros_like(M))
+    try:
+        eigvals, V = torch.linalg.eigh(safe)
+    except torch.linalg.LinAlgError:
+        return torch.full_like(M[..., 0], float("nan")), torch.full_like(M, float("nan"))
+    nan = float("nan")
+    return torch.where(finite, eigvals, nan), torch.where(finite, V, nan)
+
+
 def _eigh_prox_solve(gram: Tensor, rhs: Tensor, anchor: Tensor, damping: float) -> Tensor:
     """``eigh`` form of :func:`prox_solve`; ``rhs`` already contains ``λ Z₀`` when ``λ > 0``.
 
-    A non-finite Gram (a NaN gradient upstream) must not raise inside ``eigh``: the solve runs on
-    a zeroed copy and its result is poisoned with NaN, so callers' finiteness guards see it, all
-    without reading a value back from the device.
+    A non-finite Gram, or one ``eigh`` cannot decompose, gives NaN (see :func:`symmetric_eigh`).
     """
-    finite = torch.isfinite(gram).all()
-    # Symmetrise: K arrives as a product XᵀX whose rounding can leave it slightly asymmetric.
-    safe = torch.where(finite, 0.5 * (gram + gram.mT), torch.zeros_like(gram))
-    eigvals, V = torch.linalg.eigh(safe)
+    eigvals, V = symmetric_eigh(gram)
     eigvals = eigvals.clamp_min(0.0)
     Vt_rhs = V.mT @ rhs
     if damping > 0:
@@ -82,4 +96,4 @@ def _eigh_prox_solve(gram: Tensor, rhs: Tensor, anchor: Tensor, damping: float) 
             V.mT @ anchor,
         )
         solution = V @ coords
-    return torch.where(finite, solution, torch.full_like(solution, float("nan")))
+    return solution

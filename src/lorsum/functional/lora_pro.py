@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from lorsum.functional.linalg import default_compute_dtype
+from lorsum.functional.linalg import default_compute_dtype, symmetric_eigh
 
 __all__ = [
     "equivalent_gradient",
@@ -66,8 +66,8 @@ def solve_symmetric_sylvester(
         )
     out_dtype = torch.promote_types(torch.promote_types(P.dtype, Q.dtype), C.dtype)
     dtype = compute_dtype or default_compute_dtype(P, Q, C)
-    lam, U = _symmetric_eigh(P.to(dtype))
-    mu, V = _symmetric_eigh(Q.to(dtype))
+    lam, U = symmetric_eigh(P.to(dtype))
+    mu, V = symmetric_eigh(Q.to(dtype))
     return _sylvester_from_eigh(lam, U, mu, V, C.to(dtype)).to(out_dtype)
 
 
@@ -349,8 +349,8 @@ def _adjust(
     inv_s2 = 1.0 / scaling**2
 
     gram_B, gram_A = B.mT @ B, A @ A.mT  # BᵀB, AAᵀ (r, r)
-    lam_B, U_B = _symmetric_eigh(gram_B)
-    lam_A, U_A = _symmetric_eigh(gram_A)
+    lam_B, U_B = symmetric_eigh(gram_B)
+    lam_A, U_A = symmetric_eigh(gram_A)
     # Grams are PSD: negative eigenvalues are rounding. Clamped, every λ + δ is >= δ.
     lam_B, lam_A = lam_B.clamp_min(0.0) + damping, lam_A.clamp_min(0.0) + damping
     L_B = _damped_cholesky(gram_B, damping, lam_B, U_B)
@@ -372,11 +372,6 @@ def _adjust(
     g_A = torch.addmm(u_A, X, A, alpha=1.0, beta=inv_s2)  # u_A / s² + X A
     g_B = torch.addmm(w_B, B, X, alpha=-1.0, beta=inv_s2)  # w_B / s² − B X
     return g_A, g_B, X
-
-
-def _symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
-    # Grams formed as products are symmetric only up to rounding; eigh reads one triangle.
-    return torch.linalg.eigh(0.5 * (M + M.mT))
 
 
 def _sylvester_from_eigh(lam: Tensor, U: Tensor, mu: Tensor, V: Tensor, C: Tensor) -> Tensor:

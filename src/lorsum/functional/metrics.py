@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lorsum.functional.linalg import default_compute_dtype
+from lorsum.functional.linalg import default_compute_dtype, symmetric_eigh
 from lorsum.functional.terms import _check_matrix
 
 __all__ = [
@@ -158,7 +158,7 @@ def metric_power(statistic: Tensor, *, damping: float, power: float) -> Tensor:
     C = statistic.to(default_compute_dtype(statistic))
     if C.ndim == 1:
         return (C.clamp_min(0) + damping).pow(power)
-    eigvals, V = torch.linalg.eigh(0.5 * (C + C.mT))
+    eigvals, V = symmetric_eigh(C)
     return (V * (eigvals.clamp_min(0) + damping).pow(power)) @ V.mT
 
 

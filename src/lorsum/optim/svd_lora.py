@@ -115,18 +115,13 @@ class SVDLoRA(LoRAOptimizer):
             if buffer is None:
                 state["momentum_buffer_dense"] = torch.zeros_like(new_buffer)
             updates.append((state["momentum_buffer_dense"], new_buffer))
-        shape = (B.shape[0], A.shape[1])
-        dtype = default_compute_dtype(A, B)
-        if group["svd"] == "exact":
-            step = FactoredSum.from_terms(terms, weights, shape, dtype=dtype).to_dense()
-            U, S, Vh = truncated_svd(step, rank)
-        else:
-            target = FactoredSum.from_terms(terms, weights, shape, dtype=dtype)
-            generator = torch.Generator().manual_seed(int(state["step"].item()))
-            U, S, Vh = randomized_svd(
-                target, rank, oversamples=group["oversamples"],
-                power_iters=group["power_iters"], generator=generator,
-            )  # fmt: skip
+        try:
+            U, S, Vh = self._decompose(group, terms, weights, A, B, state)
+        except torch.linalg.LinAlgError:
+            # The SVD did not converge (a diverging or non-finite step): skip it, loudly counted.
+            U = torch.full((B.shape[0], rank), float("nan"), dtype=B.dtype, device=B.device)
+            S = torch.zeros(rank, dtype=B.dtype, device=B.device)
+            Vh = torch.zeros(rank, A.shape[1], dtype=A.dtype, device=A.device)
         B_new, A_new = balanced_factors(U, S, Vh)
         if B_new.shape[1] < rank:  # a layer smaller than the rank: pad with zero directions
             B_new = torch.nn.functional.pad(B_new, (0, rank - B_new.shape[1]))
@@ -134,3 +129,19 @@ class SVDLoRA(LoRAOptimizer):
         root_s = s**0.5
         self._commit_(state, [(B, B_new / root_s), (A, A_new / root_s), *updates])
         state["step"] += 1
+
+    @staticmethod
+    def _decompose(
+        group: dict[str, Any], terms: list[Any], weights: list[Any], A: Tensor, B: Tensor,
+        state: dict[str, Any],
+    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """Top-r SVD of the step: dense and exact, or randomized on the factored step."""
+        shape, rank = (B.shape[0], A.shape[1]), A.shape[0]
+        target = FactoredSum.from_terms(terms, weights, shape, dtype=default_compute_dtype(A, B))
+        if group["svd"] == "exact":
+            return truncated_svd(target.to_dense(), rank)
+        generator = torch.Generator().manual_seed(int(state["step"].item()))
+        return randomized_svd(
+            target, rank, oversamples=group["oversamples"], power_iters=group["power_iters"],
+            generator=generator,
+        )  # fmt: skip
