@@ -3,36 +3,54 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+FLOOR = 1e-3  # curves are drawn as max(metric, FLOOR) on a log axis
+_STUDY = re.compile(r"^(?P<base>.+)-r(?P<rank>\d+)$")  # e.g. lorsum-x2-r16: a momentum-rank run
+
 
 def plot_curves(summary: dict[str, Any], path: Path) -> None:
-    """One panel per variant: each method's mean curve at its selected learning rate.
+    """Each method's mean curve at its selected learning rate, one panel per variant.
 
-    The y axis is symmetric-log, because the synthetic task's excess loss goes to 0 (and full
-    fine-tuning below it) while the LoRA baselines stay orders of magnitude above.
+    The metric is drawn as ``max(metric, 1e-3)`` on a log axis, so reaching the optimum (0) is
+    visible as the floor; ``full-*`` references, which can go below 0, are left out (the table
+    has them). Runs of a momentum-rank study (``<method>-r<rank>``) get their own panel, next to
+    the method they vary.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = summary["variants"]
-    fig, axes = plt.subplots(1, len(variants), figsize=(6.5 * len(variants), 4.8), squeeze=False)
-    for ax, (variant, data) in zip(axes[0], variants.items(), strict=True):
-        for method, entry in sorted(data["methods"].items()):
+    panels = []
+    for variant, data in summary["variants"].items():
+        methods = {m: e for m, e in data["methods"].items() if not m.startswith("full-")}
+        study = {m: e for m, e in methods.items() if _STUDY.match(m)}
+        main = {m: e for m, e in methods.items() if m not in study}
+        panels.append((variant, main))
+        if study:
+            bases = {_STUDY.match(m)["base"] for m in study}
+            study.update({m: e for m, e in main.items() if m in bases})
+            panels.append((f"{variant}: momentum rank", study))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.8), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
+    for ax, (title, methods) in zip(axes[0], panels, strict=True):
+        for i, (method, entry) in enumerate(sorted(methods.items())):
+            curve = [max(value, FLOOR) for value in entry["mean_curve"]]
             style = "-" if method.startswith(("lorsum", "scaled")) else "--"
-            ax.plot(entry["mean_curve"], style, lw=1.4, label=f"{method} (lr {entry['lr']:g})")
-        ax.set_yscale("symlog", linthresh=1e-2)
-        ax.set_title(f"{summary['task']} — {variant}")
+            ax.plot(curve, style, lw=1.3, color=colors[i % len(colors)],
+                    label=f"{method} (lr {entry['lr']:g})")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_title(f"{summary['task']}: {title}")
         ax.set_xlabel("step")
-        ax.set_ylabel(f"{summary['metric']} (mean over seeds)")
+        ax.set_ylabel(f"{summary['metric']}, mean over seeds (floor {FLOOR:g})")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)

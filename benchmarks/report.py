@@ -1,0 +1,122 @@
+"""``lorsum report``: a markdown report built only from stored comparison runs.
+
+It reads every run file under ``--out-dir`` (as written by ``lorsum compare``), aggregates them
+exactly as ``compare`` does, and writes ``report.md`` with, per task and variant: the results
+table at each method's selected learning rate, the learning-rate sweep when there is one, and
+the task's extra figures (the synthetic task's gap closure). It never trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import _results
+from benchmarks.compare import DEFAULT_OUT, summarize
+from benchmarks.tasks import TASKS
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lorsum report",
+        description="A markdown report from the runs stored by `lorsum compare` (no training).",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"the directory `lorsum compare` wrote to (default: {DEFAULT_OUT})",
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="the report file (default: <out-dir>/report.md)"
+    )
+    args = parser.parse_args(argv)  # fmt: skip
+    records = load_runs(args.out_dir)
+    if not records:
+        print(f"lorsum report: error: no run files under {args.out_dir}")
+        return 2
+    text = render(records)
+    output = args.output or args.out_dir / "report.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(output)
+    print(text)
+    print(f"wrote {output}")
+    return 0
+
+
+def load_runs(out_dir: Path) -> list[dict[str, Any]]:
+    """Every run record under ``out_dir`` (summaries and other files are skipped)."""
+    records = []
+    for path in sorted(out_dir.glob("*/*/lr*-seed*.json")):
+        record = json.loads(path.read_text())
+        if record.get("suite") == "compare":
+            records.append(record)
+    return records
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_task.setdefault(record["config"]["task"], []).append(record)
+    parts = ["# lorsum compare: stored results", ""]
+    for name, task_records in sorted(by_task.items()):
+        task = TASKS[name]
+        variants = [
+            v for v in task.VARIANTS if any(r["config"]["variant"] == v for r in task_records)
+        ]
+        summary = summarize(task, name, variants, task_records)
+        parts += _task_section(summary, task_records)
+    return "\n".join(parts) + "\n"
+
+
+def _task_section(summary: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    shas = sorted({str((r["environment"]["git"] or {}).get("sha"))[:10] for r in records})
+    for variant, data in summary["variants"].items():
+        seeds = max(len(e["seeds"]) for e in data["methods"].values())
+        lines += [
+            f"## {summary['task']} ({variant})",
+            "",
+            f"Final {summary['metric']} (lower is better), mean ± std over {seeds} seed(s), at "
+            f"each method's selected learning rate. Code: {', '.join(shas)}.",
+            "",
+        ]
+        rows = [
+            [m, f"{e['lr']:g}", f"{e['final_mean']:.4g} ± {e['final_std']:.2g}",
+             f"{e['wall_time_s_mean']:.2f}"]
+            for m, e in sorted(data["methods"].items(), key=lambda kv: kv[1]["final_mean"])
+        ]  # fmt: skip
+        lines += [_results.markdown_table(["method", "lr", "final", "s / run"], rows), ""]
+        closure = data.get("gap_closure_vs_lora_sgd")
+        if closure:
+            lines += [
+                "Gap closure `(L_LoRA-SGD − L) / (L_LoRA-SGD − L_SVDLoRA)` at equal steps:",
+                "",
+                _results.markdown_table(
+                    ["method", "gap closure"], [[m, f"{v:.3f}"] for m, v in closure.items()]
+                ),
+                "",
+            ]
+        swept = {m: e["sweep"] for m, e in data["methods"].items() if len(e["sweep"]) > 1}
+        if swept:
+            rates = sorted({s["lr"] for sweep in swept.values() for s in sweep}, reverse=True)
+            rows = []
+            for method, sweep in swept.items():
+                by_lr = {s["lr"]: s["final_mean"] for s in sweep}
+                rows.append([method, *(f"{by_lr[lr]:.3g}" if lr in by_lr else "" for lr in rates)])
+            lines += [
+                "Learning-rate sweep (final metric per rate):",
+                "",
+                _results.markdown_table(["method", *(f"{lr:g}" for lr in rates)], rows),
+                "",
+            ]
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
