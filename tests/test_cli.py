@@ -1,51 +1,89 @@
-"""The ``lorsum`` command line: the default comparison, its JSON output, and clean user errors."""
+"""The ``lorsum`` command line: the comparison runs, stores, skips and reports; errors are one
+clear line and a non-zero exit."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from lorsum.cli import main
+from lorsum.cli import find_harness_root, main
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--variants", "deterministic", "--methods", "lora-sgd,svdlora,lorsum-x2", "--seeds", "2",
+         "--steps", "5"]  # fmt: skip
 
 
-def test_compare_prints_every_method_and_writes_json(tmp_path, capsys):
-    out = tmp_path / "result.json"
-    status = main(
-        ["compare", "--steps", "3", "--seeds", "1", "--sweeps", "0,1,4", "--output", str(out)]
-    )
-    assert status == 0
+def test_compare_trains_stores_plots_and_skips_finished_runs(tmp_path, capsys):
+    assert main(["compare", *SMALL, "--out-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    for method in ("LoRSum x0", "LoRSum x1", "LoRSum x4", "SVDLoRA"):
+    for method in ("lora-sgd", "svdlora", "lorsum-x2"):
         assert method in printed
-    payload = json.loads(out.read_text())
-    curves = payload["excess_loss"]
-    assert set(curves) == {"LoRSum x0", "LoRSum x1", "LoRSum x4", "SVDLoRA"}
-    assert len(curves["SVDLoRA"][0]) == 3
-    # The exact projection is the best rank-8 point after each step; more sweeps come closer.
-    assert curves["SVDLoRA"][0][0] <= curves["LoRSum x4"][0][0] <= curves["LoRSum x1"][0][0]
-    assert min(min(c[0]) for c in curves.values()) >= -1e-6  # loss - f* >= 0 for rank-8 W
+    runs = sorted(tmp_path.glob("synthetic-deterministic/*/lr*-seed*.json"))
+    assert len(runs) == 6
+    record = json.loads(runs[0].read_text())
+    for key in ("config", "config_hash", "environment", "wall_time_s", "results", "summary"):
+        assert key in record
+    assert len(record["results"]["curves"]["excess_loss"]) == 5
+    assert (tmp_path / "synthetic.png").stat().st_size > 10_000
+    summary = json.loads((tmp_path / "synthetic-summary.json").read_text())
+    assert "gap_closure_vs_lora_sgd" in summary["variants"]["deterministic"]
+
+    before = {p: p.stat().st_mtime_ns for p in runs}
+    assert main(["compare", *SMALL, "--out-dir", str(tmp_path), "--no-plot"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs} == before  # nothing re-run
+
+    assert main(["report", "--out-dir", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## synthetic (deterministic)" in report
+    assert "Gap closure" in report
 
 
-def test_console_script_runs_the_default_help():
+def test_an_lr_sweep_keeps_the_best_rate_per_method(tmp_path):
+    args = [
+        "compare",
+        "--variants",
+        "deterministic",
+        "--methods",
+        "lora-sgd",
+        "--seeds",
+        "1",
+        "--steps",
+        "5",
+        "--lr-sweep",
+        "0.01,0.001",
+        "--out-dir",
+        str(tmp_path),
+        "--no-plot",
+    ]
+    assert main(args) == 0  # fmt: skip
+    entry = json.loads((tmp_path / "synthetic-summary.json").read_text())
+    entry = entry["variants"]["deterministic"]["methods"]["lora-sgd"]
+    assert [s["lr"] for s in entry["sweep"]] == [0.001, 0.01]
+    assert entry["final_mean"] == min(s["final_mean"] for s in entry["sweep"])
+
+
+def test_console_script_help_explains_the_options():
     result = subprocess.run(
         [sys.executable, "-m", "lorsum.cli", "compare", "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+        capture_output=True, text=True, check=False, cwd=REPO,
+    )  # fmt: skip
     assert result.returncode == 0
-    assert "--sweeps" in result.stdout
+    for option in ("--task", "--methods", "--seeds", "--steps", "--lr-sweep", "--device",
+                   "--data-dir", "--out-dir", "--force"):  # fmt: skip
+        assert option in result.stdout
 
 
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["compare", "--sweeps", "1,-2"], "expected integers >= 0"),
-        (["compare", "--steps", "0"], "must be a positive integer"),
+        (["compare", "--seeds", "0"], "must be a positive integer"),
         (["compare", "--lr", "-1"], "must be a positive number"),
+        (["compare", "--task", "mnist"], "invalid choice: 'mnist'"),
+        (["compare", "--variants", "noisy"], "unknown variant 'noisy'"),
     ],
 )
 def test_bad_arguments_exit_non_zero_with_one_clear_line(argv, match, capsys):
@@ -55,6 +93,14 @@ def test_bad_arguments_exit_non_zero_with_one_clear_line(argv, match, capsys):
     assert match in capsys.readouterr().err
 
 
-def test_no_command_prints_help_and_fails(capsys):
+def test_unknown_methods_and_commands_fail_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["compare", "--methods", "lorsum-x3", "--out-dir", str(tmp_path)])
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
     assert main([]) == 2
-    assert "compare" in capsys.readouterr().out
+
+
+def test_the_harness_is_found_only_in_a_checkout(tmp_path):
+    assert find_harness_root([tmp_path]) is None
+    assert find_harness_root([tmp_path, REPO]) == REPO
