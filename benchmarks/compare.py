@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="optimizer steps per run (default: the task's budget)",
     )
+    parser.add_argument(
+        "--size",
+        choices=("quick", "full"),
+        default="quick",
+        help="for tasks with several sizes: quick (CPU, minutes) or full (the paper's budget, "
+        "for a GPU) (default: quick)",
+    )
     rates = parser.add_mutually_exclusive_group()
     rates.add_argument(
         "--lr",
@@ -143,16 +150,17 @@ def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[d
                 rates = [
                     args.lr if args.lr is not None else task.default_learning_rate(variant, method)
                 ]
+            base = {
+                "task": args.task, "variant": variant, "method": method, "optimizer": optimizer,
+                "hparams": hparams, "steps": args.steps or task.default_steps(variant, args.size),
+                "device": args.device,
+                "data_dir": str(args.data_dir) if task.NEEDS_DATA else None,
+            }  # fmt: skip
+            if task.SIZES is not None:  # single-size tasks keep their configs (and hashes)
+                base["size"] = args.size
             runs.extend(
-                {
-                    "task": args.task, "variant": variant, "method": method,
-                    "optimizer": optimizer, "hparams": hparams, "lr": lr, "seed": seed,
-                    "steps": args.steps or task.STEPS[variant], "device": args.device,
-                    "data_dir": str(args.data_dir) if task.NEEDS_DATA else None,
-                }
-                for lr in rates
-                for seed in range(args.seeds)
-            )  # fmt: skip
+                {**base, "lr": lr, "seed": seed} for lr in rates for seed in range(args.seeds)
+            )
     return runs
 
 
@@ -186,9 +194,12 @@ def train_one(config: dict[str, Any], advance: Callable[[], None]) -> dict[str, 
     _results.reset_peak_rss()
     rss_before = _results.current_rss_bytes()
     start = time.perf_counter()
+    options = {"data_dir": config["data_dir"]} if config["data_dir"] is not None else {}
+    if "size" in config:
+        options["size"] = config["size"]
     outcome = task.train(
         config["variant"], config["method"], config["lr"], config["seed"],
-        steps=config["steps"], device=config["device"], progress=advance,
+        steps=config["steps"], device=config["device"], progress=advance, **options,
     )  # fmt: skip
     wall = time.perf_counter() - start
     memory = {"cpu_peak_rss_above_start_bytes": _results.peak_rss_bytes() - rss_before}
@@ -207,14 +218,20 @@ def summarize(task: Any, name: str, variants: Sequence[str], records: list[dict]
     for record in records:
         c = record["config"]
         by_rate.setdefault((c["variant"], c["method"]), {}).setdefault(c["lr"], []).append(record)
-    out: dict[str, Any] = {"task": name, "metric": task.METRIC, "variants": {}}
+    out: dict[str, Any] = {
+        "task": name,
+        "metric": task.METRIC,
+        "metric_mode": task.METRIC_MODE,
+        "variants": {},
+    }
     for variant in variants:
         entries = {}
         for (v, method), rates in by_rate.items():
             if v != variant:
                 continue
             candidates = [_aggregate(task.METRIC, lr, group) for lr, group in rates.items()]
-            best = min(candidates, key=lambda e: _sort_key(e["final_mean"]))
+            sign = -1.0 if task.METRIC_MODE == "max" else 1.0
+            best = min(candidates, key=lambda e: _sort_key(sign * e["final_mean"]))
             sweep = [{"lr": e["lr"], "final_mean": e["final_mean"]} for e in candidates]
             entries[method] = {**best, "sweep": sorted(sweep, key=lambda e: e["lr"])}
         out["variants"][variant] = {"methods": entries, **task.extras(variant, entries)}

@@ -14,16 +14,18 @@ _STUDY = re.compile(r"^(?P<base>.+)-r(?P<rank>\d+)$")  # e.g. lorsum-x2-r16: a m
 def plot_curves(summary: dict[str, Any], path: Path) -> None:
     """Each method's mean curve at its selected learning rate, one panel per variant.
 
-    The metric is drawn as ``max(metric, 1e-3)`` on a log axis, so reaching the optimum (0) is
-    visible as the floor; ``full-*`` references, which can go below 0, are left out (the table
-    has them). Runs of a momentum-rank study (``<method>-r<rank>``) get their own panel, next to
-    the method they vary.
+    A metric where lower is better is drawn as ``max(metric, 1e-3)`` on a log axis, so reaching
+    the optimum (0) is visible as the floor (accuracies are drawn linearly); ``full-*``
+    references, which can go below 0, are left out (the table has them). Runs of a momentum-rank
+    study (``<method>-r<rank>``) get their own panel, next to the method they vary.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    higher_is_better = summary.get("metric_mode") == "max"
+    x_label = "evaluation (epoch)" if higher_is_better else "step"
     panels = []
     for variant, data in summary["variants"].items():
         methods = {m: e for m, e in data["methods"].items() if not m.startswith("full-")}
@@ -38,14 +40,18 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
     colors = plt.get_cmap("tab20").colors
     for ax, (title, methods) in zip(axes[0], panels, strict=True):
         for i, (method, entry) in enumerate(sorted(methods.items())):
-            curve = [max(value, FLOOR) for value in entry["mean_curve"]]
+            curve = entry["mean_curve"]
+            if not higher_is_better:
+                curve = [max(value, FLOOR) for value in curve]
             style = "-" if method.startswith(("lorsum", "scaled")) else "--"
             ax.plot(curve, style, lw=1.3, color=colors[i % len(colors)],
                     label=f"{method} (lr {entry['lr']:g})")  # fmt: skip
-        ax.set_yscale("log")
+        if not higher_is_better:
+            ax.set_yscale("log")
         ax.set_title(f"{summary['task']}: {title}")
-        ax.set_xlabel("step")
-        ax.set_ylabel(f"{summary['metric']}, mean over seeds (floor {FLOOR:g})")
+        ax.set_xlabel(x_label)
+        floor = "" if higher_is_better else f" (floor {FLOOR:g})"
+        ax.set_ylabel(f"{summary['metric']}, mean over seeds{floor}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -79,17 +79,19 @@ def _task_section(summary: dict[str, Any], records: list[dict[str, Any]]) -> lis
     shas = sorted({str((r["environment"]["git"] or {}).get("sha"))[:10] for r in records})
     for variant, data in summary["variants"].items():
         seeds = max(len(e["seeds"]) for e in data["methods"].values())
+        better = "higher" if summary.get("metric_mode") == "max" else "lower"
+        sign = -1 if better == "higher" else 1
         lines += [
             f"## {summary['task']} ({variant})",
             "",
-            f"Final {summary['metric']} (lower is better), mean ± std over {seeds} seed(s), at "
+            f"Final {summary['metric']} ({better} is better), mean ± std over {seeds} seed(s), at "
             f"each method's selected learning rate. Code: {', '.join(shas)}.",
             "",
         ]
         rows = [
             [m, f"{e['lr']:g}", f"{e['final_mean']:.4g} ± {e['final_std']:.2g}",
              f"{e['wall_time_s_mean']:.2f}"]
-            for m, e in sorted(data["methods"].items(), key=lambda kv: kv[1]["final_mean"])
+            for m, e in sorted(data["methods"].items(), key=lambda kv: sign * kv[1]["final_mean"])
         ]  # fmt: skip
         lines += [_results.markdown_table(["method", "lr", "final", "s / run"], rows), ""]
         closure = data.get("gap_closure_vs_lora_sgd")

@@ -1,12 +1,13 @@
 """The tasks of ``lorsum compare``, by name.
 
-A task is a module with ``VARIANTS``, ``STEPS`` (per variant), ``METRIC`` (lower is better),
-``NEEDS_DATA``, ``methods(variant)``, ``default_learning_rate(variant, method)``,
-``train(variant, method, lr, seed, *, steps, device, progress)`` and ``extras(variant, entries)``.
+A task is a module with ``VARIANTS``, ``METRIC`` and ``METRIC_MODE`` (``"min"`` or ``"max"``),
+``NEEDS_DATA``, ``SIZES`` (``None`` for a single size), ``default_steps(variant, size)``,
+``methods(variant)``, ``default_learning_rate(variant, method)``, ``extras(variant, entries)`` and
+``train(variant, method, lr, seed, *, steps, device, progress[, data_dir, size])``.
 """
 
-from benchmarks.tasks import synthetic
+from benchmarks.tasks import image, synthetic
 
-TASKS = {"synthetic": synthetic}
+TASKS = {"image": image, "synthetic": synthetic}
 
 __all__ = ["TASKS"]

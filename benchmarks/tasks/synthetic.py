@@ -31,7 +31,9 @@ from lorsum.functional import balanced_factors, truncated_svd
 M_OUT, N_IN, RANK = 600, 200, 8
 VARIANTS = ("deterministic", "stochastic")
 METRIC = "excess_loss"  # ‖W − W*‖² − f*: 0 is the rank-8 optimum, lower is better
+METRIC_MODE = "min"
 NEEDS_DATA = False
+SIZES = None  # one size only
 
 # method -> (create_optimizer name or "full", hyperparameters without lr)
 _SHARED: dict[str, tuple[str, dict[str, Any]]] = {
@@ -107,6 +109,10 @@ MOMENTUM_RANK_STUDY = {
 }
 SGD_MOMENTUM = {"deterministic": 0.0, "stochastic": 0.75}
 STEPS = {"deterministic": 100, "stochastic": 400}
+
+
+def default_steps(variant: str, size: str | None = None) -> int:
+    return STEPS[variant]
 
 
 def methods(variant: str) -> dict[str, tuple[str, dict[str, Any]]]:

@@ -59,6 +59,7 @@ def create_optimizer(
     method: str = "lorsum",
     *,
     pairs: Sequence[LoRAPair] | None = None,
+    dense: bool = True,
     dense_lr: float = 1e-3,
     dense_optimizer: str = "adamw",
     grad_scaler: Any | None = None,
@@ -73,6 +74,9 @@ def create_optimizer(
             (use autograd's LoRA gradients); ``"loraplus"``, ``"adamw"``, ``"sgd"`` (torch's
             own optimizers with explicit groups).
         pairs: the adapters to train (default: all of them, see :func:`find_lora_pairs`).
+        dense: put every other trainable parameter in a dense group (default). ``False`` leaves
+            them out, for a separate optimizer (for example one AdamW shared by every method
+            of a comparison, so that only the LoRA optimizer differs).
         dense_lr: learning rate of the other trainable parameters (heads, biases).
         dense_optimizer: ``"adamw"`` or ``"sgd"`` for them (lorsum's optimizers only).
         grad_scaler: a ``torch.amp.GradScaler`` when training with fp16 loss scaling.
@@ -90,7 +94,8 @@ def create_optimizer(
         raise ValueError(f"Unknown method: {method!r} (must be one of {', '.join(METHODS)})")
     pairs = list(find_lora_pairs(model) if pairs is None else pairs)
     in_pairs = {id(p) for pair in pairs for p in (pair.A, pair.B)}
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
+    others = others if dense else []
     lr = hparams.pop("lr", 1e-3)
 
     if method in ("adamw", "sgd", "loraplus"):
@@ -98,14 +103,14 @@ def create_optimizer(
         weight_decay = hparams.pop("weight_decay", 0.0)
         groups = lora_plus_param_groups(
             pairs, lr=lr, loraplus_lr_ratio=ratio, weight_decay=weight_decay,
-            dense_params=dense, dense_lr=dense_lr,
+            dense_params=others, dense_lr=dense_lr,
         )  # fmt: skip
         cls = torch.optim.SGD if method == "sgd" else torch.optim.AdamW
         return cls(groups, lr=lr, **hparams)
 
     groups = pair_param_groups(pairs)
-    if dense:
-        groups.append(dense_param_group(dense, lr=dense_lr, dense_optimizer=dense_optimizer))
+    if others:
+        groups.append(dense_param_group(others, lr=dense_lr, dense_optimizer=dense_optimizer))
     if method in ("precond_sgd", "precond_adamw"):
         base = "sgd" if method == "precond_sgd" else "adamw"
         return PrecondLoRA(groups, lr=lr, base=base, **hparams)

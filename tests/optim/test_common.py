@@ -244,3 +244,11 @@ def test_a_diverging_learning_rate_never_raises_nor_writes_non_finite_factors(me
         lora = [p for m in model.modules() if isinstance(m, lorsum.LoRALinear)
                 for p in (m.lora_A.weight, m.lora_B.weight)]  # fmt: skip
         assert all(torch.isfinite(p).all() for p in lora)
+
+
+@pytest.mark.parametrize("method", ["lorsum", "adamw", "lora_pro"])
+def test_dense_parameters_can_be_left_to_another_optimizer(method):
+    model, pairs = tiny_lora_model(seed=7)
+    opt = lorsum.create_optimizer(model, method, dense=False)
+    held = {id(p) for group in opt.param_groups for p in group["params"]}
+    assert held == {id(p) for pair in pairs for p in (pair.A, pair.B)}
