@@ -17,7 +17,7 @@ from torch import nn
 from lorsum.capture import GradientCapture
 from lorsum.layers import LoRALinear
 from lorsum.layers import lora_pairs as lorsum_lora_pairs
-from lorsum.lora import LoRAPair, dense_param_group, pair_param_groups
+from lorsum.lora import LoRAPair, dense_param_group, dense_parameters, pair_param_groups
 from lorsum.optim.lora_plus import lora_plus_param_groups
 from lorsum.optim.lora_pro import LoRAPro
 from lorsum.optim.lorsum import LoRSum
@@ -93,9 +93,7 @@ def create_optimizer(
     if method not in METHODS:
         raise ValueError(f"Unknown method: {method!r} (must be one of {', '.join(METHODS)})")
     pairs = list(find_lora_pairs(model) if pairs is None else pairs)
-    in_pairs = {id(p) for pair in pairs for p in (pair.A, pair.B)}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
-    others = others if dense else []
+    others = dense_parameters(model, pairs) if dense else []
     lr = hparams.pop("lr", 1e-3)
 
     if method in ("adamw", "sgd", "loraplus"):

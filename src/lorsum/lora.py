@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["LoRAPair", "dense_param_group", "pair_param_groups"]
+__all__ = ["LoRAPair", "dense_param_group", "dense_parameters", "pair_param_groups"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,3 +110,21 @@ def dense_param_group(params: Iterable[nn.Parameter], **hyperparameters: Any) ->
     LoRA optimizers update these with AdamW (``dense_optimizer="adamw"``, the default) or SGD.
     """
     return {"params": list(params), "kind": "dense", **hyperparameters}
+
+
+def dense_parameters(model: nn.Module, pairs: Sequence[LoRAPair]) -> list[nn.Parameter]:
+    """Every trainable parameter of ``model`` that is not a factor of one of ``pairs``.
+
+    These are the parameters a lorsum optimizer steps in its dense groups (AdamW or SGD):
+    ``modules_to_save`` heads, biases (``bias="lora_only"``/``"all"``, ``lora_bias=True``), and
+    the LoRA factors of any other adapter left trainable. Membership is by identity, never by name.
+
+    Args:
+        model: the model.
+        pairs: the LoRA pairs that the LoRA groups hold.
+
+    Returns:
+        The parameters with ``requires_grad=True``, in ``model.parameters()`` order, each once.
+    """
+    in_pairs = {id(factor) for pair in pairs for factor in (pair.A, pair.B)}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from lorsum.lora import LoRAPair, dense_param_group, pair_param_groups
+from lorsum.lora import LoRAPair, dense_param_group, dense_parameters, pair_param_groups
 
 __all__ = ["dense_parameters", "lora_pairs", "param_groups"]
 
@@ -92,24 +92,6 @@ def lora_pairs(model: nn.Module, adapter_name: str | None = None) -> list[LoRAPa
             "inference_mode=True?)"
         )
     return pairs
-
-
-def dense_parameters(model: nn.Module, pairs: Sequence[LoRAPair]) -> list[nn.Parameter]:
-    """Every trainable parameter of ``model`` that is not a factor of one of ``pairs``.
-
-    These are the parameters a lorsum optimizer steps with its dense fallback (AdamW or SGD):
-    ``modules_to_save`` heads, biases (``bias="lora_only"``/``"all"``, ``lora_bias=True``), and
-    the LoRA factors of any other adapter left trainable. Membership is by identity, never by name.
-
-    Args:
-        model: the model.
-        pairs: the LoRA pairs that the LoRA groups hold.
-
-    Returns:
-        The parameters with ``requires_grad=True``, in ``model.parameters()`` order, each once.
-    """
-    in_pairs = {id(factor) for pair in pairs for factor in (pair.A, pair.B)}
-    return [p for p in model.parameters() if p.requires_grad and id(p) not in in_pairs]
 
 
 def param_groups(
