@@ -25,7 +25,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     higher_is_better = summary.get("metric_mode") == "max"
-    x_label = "evaluation (epoch)" if higher_is_better else "step"
+    x_label = "epoch" if higher_is_better else "step"
     panels = []
     for variant, data in summary["variants"].items():
         methods = {m: e for m, e in data["methods"].items() if not m.startswith("full-")}
@@ -43,8 +43,11 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
             curve = entry["mean_curve"]
             if not higher_is_better:
                 curve = [max(value, FLOOR) for value in curve]
+            # Losses are logged every step from 0; accuracies after each epoch, from epoch 1.
+            start = 1 if higher_is_better else 0
+            steps = range(start, start + len(curve))
             style = "-" if method.startswith(("lorsum", "scaled")) else "--"
-            ax.plot(curve, style, lw=1.3, color=colors[i % len(colors)],
+            ax.plot(steps, curve, style, lw=1.3, color=colors[i % len(colors)],
                     label=f"{method} (lr {entry['lr']:g})")  # fmt: skip
         if not higher_is_better:
             ax.set_yscale("log")
