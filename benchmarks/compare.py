@@ -15,7 +15,10 @@ every method.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import multiprocessing
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -110,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated learning rates: run each method at each, keep the best per method",
     )
+    rates.add_argument(
+        "--lr-from",
+        type=Path,
+        default=None,
+        metavar="SUMMARY",
+        help="each method's selected learning rate from a summary JSON written by a sweep",
+    )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)"
     )
@@ -125,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_OUT,
         help=f"where runs, summary and plot go (default: {DEFAULT_OUT})",
     )
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="runs trained at once, each in its own process sharing the CPU cores (and the GPU) "
+        "evenly; small models leave a GPU mostly idle, so several jobs fill it (default: 1)",
+    )
     parser.add_argument("--force", action="store_true", help="re-run runs that are stored already")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     return parser  # fmt: skip
@@ -133,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every run's config, in a stable order."""
     runs = []
+    chosen_rates = _rates_from_summary(args.lr_from) if args.lr_from is not None else None
     for variant in variants:
         table = task.methods(variant)
         chosen = args.methods or list(table)
@@ -146,6 +164,13 @@ def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[d
             optimizer, hparams = table[method]
             if args.lr_sweep is not None:
                 rates = args.lr_sweep
+            elif chosen_rates is not None:
+                if (variant, method) not in chosen_rates:
+                    raise SystemExit(
+                        f"lorsum compare: {args.lr_from} selects no learning rate for {method} "
+                        f"on {variant}"
+                    )
+                rates = [chosen_rates[variant, method]]
             else:
                 rates = [
                     args.lr if args.lr is not None else task.default_learning_rate(variant, method)
@@ -164,6 +189,19 @@ def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[d
     return runs
 
 
+def _rates_from_summary(path: Path) -> dict[tuple[str, str], float]:
+    try:
+        summary = json.loads(path.read_text())
+        return {
+            (variant, method): float(entry["lr"])
+            for variant, data in summary["variants"].items()
+            for method, entry in data["methods"].items()
+        }
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        message = f"lorsum compare: --lr-from {path}: not a readable summary ({error})"
+        raise SystemExit(message) from None
+
+
 def run_path(out_dir: Path, config: dict[str, Any]) -> Path:
     name = f"lr{config['lr']:g}-seed{config['seed']}.json"
     return out_dir / f"{config['task']}-{config['variant']}" / config["method"] / name
@@ -171,20 +209,46 @@ def run_path(out_dir: Path, config: dict[str, Any]) -> Path:
 
 def execute(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Load or run every run, writing each one as soon as it finishes."""
-    records = []
     todo = [
         c for c in runs if args.force or _results.load_current(run_path(args.out_dir, c), c) is None
     ]
-    total_steps = sum(c["steps"] for c in todo)
-    with _Progress(total_steps, f"{len(todo)} of {len(runs)} runs to do") as advance:
-        for config in runs:
-            path = run_path(args.out_dir, config)
-            record = None if args.force else _results.load_current(path, config)
-            if record is None:
+    if args.jobs > 1 and len(todo) > 1:
+        _execute_in_processes(todo, args.out_dir, args.jobs)
+    else:
+        total_steps = sum(c["steps"] for c in todo)
+        with _Progress(total_steps, f"{len(todo)} of {len(runs)} runs to do", "step") as advance:
+            for config in todo:
                 record = train_one(config, advance)
-                _results.write_json_atomic(path, record)
-            records.append(record)
+                _results.write_json_atomic(run_path(args.out_dir, config), record)
+    records = []
+    for config in runs:
+        record = _results.load_current(run_path(args.out_dir, config), config)
+        if record is None:
+            raise RuntimeError(f"run {run_path(args.out_dir, config)} was not stored")
+        records.append(record)
     return records
+
+
+def _execute_in_processes(todo: list[dict[str, Any]], out_dir: Path, jobs: int) -> None:
+    """Train ``todo`` in ``jobs`` worker processes (spawned: CUDA cannot be forked), each with
+    its share of the CPU threads; every run is stored by its worker as soon as it ends, so a
+    failure or an interrupt keeps what was finished."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    work = [(config, str(out_dir)) for config in todo]
+    with (
+        context.Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool,
+        _Progress(len(todo), f"{len(todo)} runs in {jobs} processes", "run") as advance,
+    ):
+        for _ in pool.imap_unordered(_train_and_store, work):
+            advance()
+
+
+def _train_and_store(work: tuple[dict[str, Any], str]) -> str:
+    config, out_dir = work
+    path = run_path(Path(out_dir), config)
+    _results.write_json_atomic(path, train_one(config, lambda: None))
+    return str(path)
 
 
 def train_one(config: dict[str, Any], advance: Callable[[], None]) -> dict[str, Any]:
@@ -222,6 +286,7 @@ def summarize(task: Any, name: str, variants: Sequence[str], records: list[dict]
         "task": name,
         "metric": task.METRIC,
         "metric_mode": task.METRIC_MODE,
+        "curve_points": getattr(task, "CURVE_POINTS", None),
         "variants": {},
     }
     for variant in variants:
@@ -281,8 +346,8 @@ def _device_name(device: str) -> str:
 class _Progress:
     """A tqdm bar over training steps when tqdm is installed; a no-op otherwise."""
 
-    def __init__(self, total: int, description: str) -> None:
-        self.total, self.description = total, description
+    def __init__(self, total: int, description: str, unit: str) -> None:
+        self.total, self.description, self.unit = total, description, unit
         self.bar: Any = None
 
     def __enter__(self) -> Callable[[], None]:
@@ -290,7 +355,7 @@ class _Progress:
             from tqdm import tqdm
         except ImportError:
             return lambda: None
-        self.bar = tqdm(total=self.total, desc=self.description, unit="step", leave=False)
+        self.bar = tqdm(total=self.total, desc=self.description, unit=self.unit, leave=False)
         return lambda: self.bar.update(1)
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,7 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     higher_is_better = summary.get("metric_mode") == "max"
-    x_label = "epoch" if higher_is_better else "step"
+    x_label = summary.get("curve_points") or ("epoch" if higher_is_better else "step")
     panels = []
     for variant, data in summary["variants"].items():
         methods = {m: e for m, e in data["methods"].items() if not m.startswith("full-")}
