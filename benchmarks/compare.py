@@ -48,14 +48,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = plan(task, variants, args)
     records = execute(runs, args)
     summary = summarize(task, args.task, variants, records)
-    summary_path = args.out_dir / f"{args.task}-summary.json"
+    name = args.name or args.task
+    summary_path = args.out_dir / f"{name}-summary.json"
     _results.write_json_atomic(summary_path, summary)
     print(format_summary(summary))
     print(f"\nwrote {len(records)} run files under {args.out_dir} and {summary_path}")
     if not args.no_plot:
         from benchmarks.plots import plot_curves
 
-        png = args.out_dir / f"{args.task}.png"
+        png = args.out_dir / f"{name}.png"
         plot_curves(summary, png)
         print(f"wrote {png}")
     return 0
@@ -116,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     rates.add_argument(
         "--lr-from",
         type=Path,
+        action="append",
         default=None,
         metavar="SUMMARY",
-        help="each method's selected learning rate from a summary JSON written by a sweep",
+        help="each method's selected learning rate from a summary JSON written by a sweep "
+        "(repeat for several sweeps; a later file wins)",
     )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)"
@@ -142,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="runs trained at once, each in its own process sharing the CPU cores (and the GPU) "
         "evenly; small models leave a GPU mostly idle, so several jobs fill it (default: 1)",
     )
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="file name of the summary and plot, <name>-summary.json and <name>.png (default: "
+        "the task's name); lets runs of some variants, or of another device, keep their own",
+    )
     parser.add_argument("--force", action="store_true", help="re-run runs that are stored already")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     return parser  # fmt: skip
@@ -150,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every run's config, in a stable order."""
     runs = []
-    chosen_rates = _rates_from_summary(args.lr_from) if args.lr_from is not None else None
+    chosen_rates = None
+    if args.lr_from is not None:
+        chosen_rates = {}
+        for path in args.lr_from:
+            chosen_rates.update(_rates_from_summary(path))
     for variant in variants:
         table = task.methods(variant)
         chosen = args.methods or list(table)
@@ -167,8 +180,8 @@ def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[d
             elif chosen_rates is not None:
                 if (variant, method) not in chosen_rates:
                     raise SystemExit(
-                        f"lorsum compare: {args.lr_from} selects no learning rate for {method} "
-                        f"on {variant}"
+                        f"lorsum compare: no --lr-from summary selects a learning rate for "
+                        f"{method} on {variant}"
                     )
                 rates = [chosen_rates[variant, method]]
             else:
