@@ -43,10 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(
                 f"unknown variant {variant!r} of {args.task} (choose from {task.VARIANTS})"
             )
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.summarize_only:
         parser.error("--device cuda: no CUDA device is available")
     runs = plan(task, variants, args)
-    records = execute(runs, args)
+    records = load_stored(runs, args.out_dir) if args.summarize_only else execute(runs, args)
     summary = summarize(task, args.task, variants, records)
     name = args.name or args.task
     summary_path = args.out_dir / f"{name}-summary.json"
@@ -59,6 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         png = args.out_dir / f"{name}.png"
         plot_curves(summary, png)
         print(f"wrote {png}")
+        if any(
+            len(e["sweep"]) > 1 for v in summary["variants"].values() for e in v["methods"].values()
+        ):
+            from benchmarks.plots import plot_lr_sweep
+
+            png = args.out_dir / f"{name}-lr.png"
+            plot_lr_sweep(summary, png)
+            print(f"wrote {png}")
     return 0
 
 
@@ -152,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the task's name); lets runs of some variants, or of another device, keep their own",
     )
     parser.add_argument("--force", action="store_true", help="re-run runs that are stored already")
+    parser.add_argument(
+        "--summarize-only",
+        action="store_true",
+        help="train nothing: rebuild the summary and plots from the stored runs of this plan "
+        "(for example runs made on a GPU machine); fails if one is missing",
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     return parser  # fmt: skip
 
@@ -233,12 +247,22 @@ def execute(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[s
             for config in todo:
                 record = train_one(config, advance)
                 _results.write_json_atomic(run_path(args.out_dir, config), record)
-    records = []
+    return load_stored(runs, args.out_dir)
+
+
+def load_stored(runs: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any]]:
+    """The stored record of every run; a missing or outdated one is an error naming its file."""
+    records, missing = [], []
     for config in runs:
-        record = _results.load_current(run_path(args.out_dir, config), config)
+        record = _results.load_current(run_path(out_dir, config), config)
         if record is None:
-            raise RuntimeError(f"run {run_path(args.out_dir, config)} was not stored")
+            missing.append(str(run_path(out_dir, config)))
         records.append(record)
+    if missing:
+        raise SystemExit(
+            f"lorsum compare: {len(missing)} of {len(runs)} runs are not stored (or were made "
+            f"with another config), first: {missing[0]}"
+        )
     return records
 
 

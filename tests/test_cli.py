@@ -66,6 +66,48 @@ def test_an_lr_sweep_keeps_the_best_rate_per_method(tmp_path):
     assert entry["final_mean"] == min(s["final_mean"] for s in entry["sweep"])
 
 
+def test_parallel_jobs_store_the_same_runs_as_one_process(tmp_path):
+    sequential, parallel = tmp_path / "one", tmp_path / "two"
+    assert main(["compare", *SMALL, "--out-dir", str(sequential), "--no-plot"]) == 0
+    assert main(["compare", *SMALL, "--out-dir", str(parallel), "--no-plot", "--jobs", "2"]) == 0
+    runs = sorted(p.relative_to(sequential) for p in sequential.glob("*/*/lr*-seed*.json"))
+    assert len(runs) == 6
+    for run in runs:
+        one = json.loads((sequential / run).read_text())["results"]["curves"]["excess_loss"]
+        two = json.loads((parallel / run).read_text())["results"]["curves"]["excess_loss"]
+        # The same run, up to the order of float sums (a worker has fewer threads): the loss,
+        # near 1.1e5 in float32, may differ by an ulp (2**-7) before f* is subtracted.
+        assert two == pytest.approx(one, abs=4 * 2**-7)
+
+
+def test_a_sweep_s_rates_are_reused_and_summaries_rebuilt_from_stored_runs(tmp_path):
+    sweep = ["compare", "--variants", "deterministic", "--methods", "lora-sgd,lorsum-x1",
+             "--steps", "4", "--no-plot"]  # fmt: skip
+    assert main([*sweep, "--seeds", "1", "--lr-sweep", "0.5,0.01", "--out-dir", str(tmp_path),
+                 "--name", "sweep"]) == 0  # fmt: skip
+    chosen = json.loads((tmp_path / "sweep-summary.json").read_text())
+    chosen = {m: e["lr"] for m, e in chosen["variants"]["deterministic"]["methods"].items()}
+    summary_file = str(tmp_path / "sweep-summary.json")
+    assert (
+        main([*sweep, "--seeds", "2", "--lr-from", summary_file, "--out-dir", str(tmp_path)]) == 0
+    )
+    summary = json.loads((tmp_path / "synthetic-summary.json").read_text())
+    methods = summary["variants"]["deterministic"]["methods"]
+    assert {m: e["lr"] for m, e in methods.items()} == chosen
+    assert all(e["seeds"] == [0, 1] for e in methods.values())
+
+    (tmp_path / "synthetic-summary.json").unlink()
+    again = [*sweep, "--seeds", "2", "--lr-from", summary_file, "--out-dir", str(tmp_path)]
+    assert main([*again, "--summarize-only"]) == 0
+    assert json.loads((tmp_path / "synthetic-summary.json").read_text()) == summary
+    with pytest.raises(SystemExit, match="1 of 1 runs are not stored"):
+        main([*sweep, "--seeds", "1", "--lr", "0.123", "--methods", "lora-sgd",
+              "--out-dir", str(tmp_path), "--summarize-only"])  # fmt: skip
+    with pytest.raises(SystemExit, match="selects a learning rate for lora-adamw"):
+        main([*sweep, "--methods", "lora-adamw", "--lr-from", summary_file,
+              "--out-dir", str(tmp_path)])  # fmt: skip
+
+
 def test_console_script_help_explains_the_options():
     result = subprocess.run(
         [sys.executable, "-m", "lorsum.cli", "compare", "--help"],
