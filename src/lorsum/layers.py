@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from lorsum._modules import replace_module, select_linears
 from lorsum.lora import LoRAPair
 
 __all__ = ["LoRALinear", "add_lora", "lora_pairs"]
@@ -112,29 +113,12 @@ def add_lora(
     Raises:
         ValueError: a named target that does not exist or is not an ``nn.Linear``, or no match.
     """
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
-    if callable(target):
-        chosen = [name for name, m in linears.items() if target(name, m)]
-    else:
-        chosen = list(dict.fromkeys(target))
-        modules = dict(model.named_modules())
-        for name in chosen:
-            if name not in modules:
-                raise ValueError(f"add_lora: the model has no module named {name!r}")
-            if not isinstance(modules[name], nn.Linear):
-                raise ValueError(
-                    f"add_lora: {name!r} is a {type(modules[name]).__name__}, not an nn.Linear"
-                )
-    if not chosen:
-        raise ValueError("add_lora: no nn.Linear matched the target")
     pairs = []
-    for name in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
+    for name, linear in select_linears(model, target, "add_lora"):
         layer = LoRALinear(
-            linears[name], rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, name=name
+            linear, rank, alpha=alpha, dropout=dropout, use_rslora=use_rslora, name=name
         )
-        setattr(parent, child, layer)
+        replace_module(model, name, layer)
         pairs.append(layer.pair)
     return pairs
 

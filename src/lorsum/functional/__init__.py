@@ -18,6 +18,7 @@ from lorsum.functional.metrics import (
     shampoo_statistics,
 )
 from lorsum.functional.preconditioning import riemannian_precondition
+from lorsum.functional.sds import sds_activate, sds_refresh, sds_refresh_due
 from lorsum.functional.svd import balanced_factors, best_rank_r, randomized_svd, truncated_svd
 from lorsum.functional.terms import FactoredSum, Term
 
@@ -41,6 +42,9 @@ __all__ = [
     "randomized_svd",
     "riemannian_precondition",
     "running_average_",
+    "sds_activate",
+    "sds_refresh",
+    "sds_refresh_due",
     "shampoo_statistics",
     "solve_symmetric_sylvester",
     "truncated_svd",

@@ -1,0 +1,2 @@
+"""Low-rank compression of trained linear layers, for inference: one-shot (LoRD) and during
+training (TRP)."""
