@@ -21,14 +21,23 @@ from lorsum.functional.preconditioning import riemannian_precondition
 from lorsum.functional.sds import sds_activate, sds_refresh, sds_refresh_due
 from lorsum.functional.svd import balanced_factors, best_rank_r, randomized_svd, truncated_svd
 from lorsum.functional.terms import FactoredSum, Term
+from lorsum.functional.trp import (
+    Truncation,
+    energy_rank,
+    energy_truncation,
+    warm_energy_truncation,
+)
 
 __all__ = [
     "FactoredSum",
     "Term",
+    "Truncation",
     "balanced_factors",
     "best_rank_r",
     "bias_corrected",
     "default_compute_dtype",
+    "energy_rank",
+    "energy_truncation",
     "equivalent_gradient",
     "kfac_statistics",
     "lora_pro_adam",
@@ -48,4 +57,5 @@ __all__ = [
     "shampoo_statistics",
     "solve_symmetric_sylvester",
     "truncated_svd",
+    "warm_energy_truncation",
 ]
