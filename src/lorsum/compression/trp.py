@@ -34,12 +34,8 @@ import torch
 from torch import nn
 
 from lorsum._modules import replace_module
-from lorsum.functional.trp import (
-    Truncation,
-    energy_rank,
-    energy_truncation,
-    warm_energy_truncation,
-)
+from lorsum.functional.feature import energy_rank
+from lorsum.functional.trp import Truncation, energy_truncation, warm_energy_truncation
 
 __all__ = ["LayerReport", "TrainedRankPruning", "split_layer"]
 
@@ -187,7 +183,7 @@ def split_layer(
     if value_threshold is not None:
         k = max(1, int((value_threshold < S).sum()))
     else:
-        k = energy_rank(S, energy)
+        k = energy_rank(S.square(), energy)
     root = S[:k].sqrt()
     down = (root[:, None] * Vh[:k]).to(matrix.dtype)  # (k, n)
     up = (U[:, :k] * root).to(matrix.dtype)  # (m, k)

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from lorsum.functional.als import lorsum
+from lorsum.functional.feature import energy_rank
 from lorsum.functional.linalg import default_compute_dtype
 
-__all__ = ["Truncation", "energy_rank", "energy_truncation", "warm_energy_truncation"]
+__all__ = ["Truncation", "energy_truncation", "warm_energy_truncation"]
 
 
 class Truncation(NamedTuple):
@@ -36,29 +37,12 @@ class Truncation(NamedTuple):
         return self.U @ self.Vh
 
 
-def energy_rank(singular_values: Tensor, energy: float) -> int:
-    """The smallest ``k ≥ 1`` with ``Σ_{i≤k} σ_i² ≥ energy · Σ σ_i²`` (σ in decreasing order).
-
-    Raises:
-        ValueError: ``energy`` outside ``(0, 1]``.
-    """
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
-    squares = singular_values.double() ** 2
-    total = float(squares.sum())
-    if total == 0.0:
-        return 1
-    kept = torch.cumsum(squares, 0)
-    # Rounding in the cumulative sum can leave the last entry a hair under `energy · total`.
-    k = int((kept < energy * total * (1 - 1e-12)).sum()) + 1
-    return min(k, singular_values.numel())
-
-
 def energy_truncation(weight: Tensor, energy: float) -> Truncation:
-    """``T(W)``: ``weight (m, n)`` truncated (by a full SVD) to its :func:`energy_rank`."""
+    """``T(W)``: ``weight (m, n)`` truncated (by a full SVD) to the smallest rank that keeps
+    ``energy`` of ``‖W‖²_F`` (:func:`~lorsum.functional.energy_rank` of ``σ²``)."""
     dtype = default_compute_dtype(weight)
     U, S, Vh = torch.linalg.svd(weight.to(dtype), full_matrices=False)
-    k = energy_rank(S, energy)
+    k = energy_rank(S.square(), energy)
     return Truncation(U[:, :k].to(weight.dtype), S[:k].to(weight.dtype), Vh[:k].to(weight.dtype))
 
 
@@ -87,7 +71,7 @@ def warm_energy_truncation(
     total = float(W.pow(2).sum())
     if float(S.pow(2).sum()) < energy * total * (1 - 1e-12):
         return None
-    k = energy_rank(torch.cat([S, (total - S.pow(2).sum()).clamp_min(0).sqrt()[None]]), energy)
+    k = energy_rank(torch.cat([S.square(), (total - S.square().sum()).clamp_min(0)[None]]), energy)
     k = min(k, S.numel())
     U = (Q_b @ U_core)[:, :k]
     Vh = (Vh_core @ Q_a.T)[:k]
