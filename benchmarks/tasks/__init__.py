@@ -6,8 +6,8 @@ A task is a module with ``VARIANTS``, ``METRIC`` and ``METRIC_MODE`` (``"min"`` 
 ``train(variant, method, lr, seed, *, steps, device, progress[, data_dir, size])``.
 """
 
-from benchmarks.tasks import glue, image, squad, synthetic
+from benchmarks.tasks import glue, image, lm, squad, synthetic
 
-TASKS = {"glue": glue, "image": image, "squad": squad, "synthetic": synthetic}
+TASKS = {"glue": glue, "image": image, "lm": lm, "squad": squad, "synthetic": synthetic}
 
 __all__ = ["TASKS"]
