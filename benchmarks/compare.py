@@ -347,11 +347,20 @@ def _aggregate(metric: str, lr: float, group: list[dict]) -> dict[str, Any]:
         "lr": lr,
         "seeds": [r["config"]["seed"] for r in group],
         "final_mean": statistics.fmean(finals),
-        "final_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+        "final_std": _spread(finals),
         "final_per_seed": finals,
         "mean_curve": [statistics.fmean(step) for step in zip(*curves, strict=True)],
         "wall_time_s_mean": statistics.fmean(r["wall_time_s"] for r in group),
     }
+
+
+def _spread(finals: list[float]) -> float:
+    """The seeds' standard deviation; NaN when a seed diverged (``inf``/NaN), 0 for one seed."""
+    if len(finals) == 1:
+        return 0.0
+    if not all(math.isfinite(value) for value in finals):
+        return math.nan
+    return statistics.stdev(finals)
 
 
 def _sort_key(value: float) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from math import inf
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,21 @@ def test_unknown_methods_and_commands_fail_clearly(tmp_path, capsys):
 def test_the_harness_is_found_only_in_a_checkout(tmp_path):
     assert find_harness_root([tmp_path]) is None
     assert find_harness_root([tmp_path, REPO]) == REPO
+
+
+def test_a_diverged_seed_makes_the_spread_nan_not_a_crash():
+    from benchmarks.compare import summarize
+    from benchmarks.tasks import TASKS
+
+    def record(seed, value):
+        config = {"variant": "deterministic", "method": "lora-sgd", "lr": 0.1, "seed": seed}
+        results = {"final": {"excess_loss": value}, "curves": {"excess_loss": [value]}}
+        return {"config": config, "results": results, "wall_time_s": 1.0}
+
+    task = TASKS["synthetic"]
+    summary = summarize(task, "synthetic", ["deterministic"], [record(0, 2.0), record(1, inf)])
+    entry = summary["variants"]["deterministic"]["methods"]["lora-sgd"]
+    assert entry["final_mean"] == inf
+    assert entry["final_std"] != entry["final_std"]  # NaN
+    single = summarize(task, "synthetic", ["deterministic"], [record(0, 2.0)])
+    assert single["variants"]["deterministic"]["methods"]["lora-sgd"]["final_std"] == 0.0
