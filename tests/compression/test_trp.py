@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from lorsum.compression import LowRankLinear
 from lorsum.compression.trp import TrainedRankPruning, matrix_view, split_layer
 from lorsum.functional import energy_rank, energy_truncation, warm_energy_truncation
 
@@ -96,7 +97,8 @@ def test_the_final_split_reproduces_the_truncated_layer_with_fewer_parameters():
     x = torch.randn(4, 40, dtype=torch.float64)
     expected = torch.tanh(x @ truncated.T + linear.bias)
     (report,) = trp.finalize()
-    assert isinstance(model[0], nn.Sequential)
+    assert isinstance(model[0], LowRankLinear)
+    assert model[0].rank == report.rank
     torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-10)
     assert report.rank == energy_rank(torch.linalg.svdvals(linear.weight.detach()).square(), 0.95)
     assert report.parameters_after < report.parameters_before == 40 * 30 + 30

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from lorsum._modules import replace_module
+from lorsum.compression.lord import LowRankLinear
 from lorsum.functional.feature import energy_rank
 from lorsum.functional.trp import Truncation, energy_truncation, warm_energy_truncation
 
@@ -170,10 +171,11 @@ def matrix_view(weight: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def split_layer(
     layer: Prunable, *, energy: float = 0.9, value_threshold: float | None = None, name: str = ""
-) -> tuple[nn.Sequential, LayerReport]:
+) -> tuple[nn.Module, LayerReport]:
     """Two thin layers computing ``layer`` with its weight truncated by SVD.
 
-    Linear ``(m, n)`` → ``Linear(n → k, no bias)`` then ``Linear(k → m)`` with the bias;
+    Linear ``(m, n)`` → :class:`~lorsum.compression.LowRankLinear` (``down: n → k``, ``up: k → m``
+    with the bias, as LoRD builds it);
     Conv2d ``N × C × k_h × k_w`` → ``Conv2d(C → k, same kernel, stride, padding, dilation, no
     bias)`` then ``Conv2d(k → N, 1 × 1)`` with the bias. Singular values are split evenly
     (``√σ`` on each side).
@@ -187,24 +189,21 @@ def split_layer(
     root = S[:k].sqrt()
     down = (root[:, None] * Vh[:k]).to(matrix.dtype)  # (k, n)
     up = (U[:, :k] * root).to(matrix.dtype)  # (m, k)
-    factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-    bias = layer.bias is not None
-    if isinstance(layer, nn.Linear):
-        first = nn.Linear(layer.in_features, k, bias=False, **factory)
-        second = nn.Linear(k, layer.out_features, bias=bias, **factory)
-        first.weight.copy_(down)
-        second.weight.copy_(up)
+    if isinstance(layer, nn.Linear):  # the same layer LoRD builds
+        bias = None if layer.bias is None else layer.bias.detach()
+        module: nn.Module = LowRankLinear.from_factors(down, up, bias)
     else:
+        factory = {"device": layer.weight.device, "dtype": layer.weight.dtype}
         first = nn.Conv2d(
             layer.in_channels, k, layer.kernel_size, stride=layer.stride, padding=layer.padding,
             dilation=layer.dilation, bias=False, **factory,
         )  # fmt: skip
-        second = nn.Conv2d(k, layer.out_channels, 1, bias=bias, **factory)
+        second = nn.Conv2d(k, layer.out_channels, 1, bias=layer.bias is not None, **factory)
         first.weight.copy_(down.reshape(k, *layer.weight.shape[1:]))
         second.weight.copy_(up[:, :, None, None])
-    if bias:
-        second.bias.copy_(layer.bias)
-    module = nn.Sequential(first, second)
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias)
+        module = nn.Sequential(first, second)
     report = LayerReport(
         name=name, shape=tuple(matrix.shape), rank=k,
         parameters_before=sum(p.numel() for p in layer.parameters()),
