@@ -24,10 +24,10 @@ are not comparable with published ones.
 Sizes: ``quick`` (2 CPU cores): 256-token blocks, batch 4, 24 steps (24,576 training tokens,
 about 9 % of ``valid.txt``), evaluated on the first 8,192 test tokens at steps 0, 12 and 24. The
 pretrained perplexity there is 38.8 (27.6 on the first 4,088 tokens with 512-token windows, as in
-``../shared/data/README.md``). On 2 otherwise idle CPU cores a run takes about 190 s (lorsum-x1,
-measured; lora-adamw about 165 s: 20 s per evaluation, 4.5 s per step), plus about 20 s once
-per process to dequantise the weights; while another process shares the cores, three to four
-times longer. ``full`` (a GPU): 512-token blocks, batch 8, 2 epochs over all of ``valid.txt``
+``../shared/data/README.md``). On 2 otherwise idle CPU cores a lorsum-x1 run took 190 s (a
+whole lora-adamw run was never timed on idle cores; its idle steps took 4.5 s and an evaluation
+20 s), plus about 20 s once per process to dequantise the weights; while another process shares
+the cores, several times longer. ``full`` (a GPU): 512-token blocks, batch 8, 2 epochs over all of ``valid.txt``
 (134 steps), evaluated on the whole test file at step 0 and 4 more times.
 
 A run whose training loss or perplexity is not finite has diverged: it stops there, its
