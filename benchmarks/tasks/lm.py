@@ -27,8 +27,8 @@ pretrained perplexity there is 38.8 (27.6 on the first 4,088 tokens with 512-tok
 ``../shared/data/README.md``). On 2 otherwise idle CPU cores a lorsum-x1 run took 190 s (a
 whole lora-adamw run was never timed on idle cores; its idle steps took 4.5 s and an evaluation
 20 s), plus about 20 s once per process to dequantise the weights; while another process shares
-the cores, several times longer. ``full`` (a GPU): 512-token blocks, batch 8, 2 epochs over all of ``valid.txt``
-(134 steps), evaluated on the whole test file at step 0 and 4 more times.
+the cores, several times longer. ``full`` (a GPU): 512-token blocks, batch 8, 2 epochs over all
+of ``valid.txt`` (134 steps), evaluated on the whole test file at step 0 and 4 more times.
 
 A run whose training loss or perplexity is not finite has diverged: it stops there, its
 perplexity is recorded as ``inf`` (ranked last) and its curves are padded to the standard length
