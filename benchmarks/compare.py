@@ -43,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(
                 f"unknown variant {variant!r} of {args.task} (choose from {task.VARIANTS})"
             )
+    if args.lr_sweep_around is not None and (args.lr is not None or args.lr_sweep is not None):
+        parser.error("--lr-sweep-around sweeps around each method's rate: not with --lr/--lr-sweep")
     if args.device == "cuda" and not torch.cuda.is_available() and not args.summarize_only:
         parser.error("--device cuda: no CUDA device is available")
     runs = plan(task, variants, args)
@@ -124,12 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rates.add_argument(
         "--lr-from",
-        type=Path,
+        type=str,
         action="append",
         default=None,
-        metavar="SUMMARY",
+        metavar="SUMMARY[:VARIANT]",
         help="each method's selected learning rate from a summary JSON written by a sweep "
-        "(repeat for several sweeps; a later file wins)",
+        "(repeat for several sweeps; a later file wins); with :VARIANT, that variant's rates "
+        "serve every variant (e.g. rates tuned on SST-2 for the other GLUE tasks)",
+    )
+    parser.add_argument(
+        "--lr-sweep-around",
+        type=_half_decades,
+        default=None,
+        metavar="STEPS",
+        help="comma-separated half-decade steps, e.g. --lr-sweep-around=-1,0,1: sweep each "
+        "method around its own rate (the task's, or --lr-from's) on the grid 1, 3, 10, 30, ... "
+        "× 10^k, keep the best per method",
     )
     parser.add_argument(
         "--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)"
@@ -176,8 +188,8 @@ def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[d
     chosen_rates = None
     if args.lr_from is not None:
         chosen_rates = {}
-        for path in args.lr_from:
-            chosen_rates.update(_rates_from_summary(path))
+        for source in args.lr_from:
+            chosen_rates.update(_rates_from_summary(source, variants))
     for variant in variants:
         table = task.methods(variant)
         chosen = args.methods or list(table)
@@ -191,6 +203,13 @@ def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[d
             optimizer, hparams = table[method]
             if args.lr_sweep is not None:
                 rates = args.lr_sweep
+            elif args.lr_sweep_around is not None:
+                around = (
+                    chosen_rates[variant, method]
+                    if chosen_rates is not None and (variant, method) in chosen_rates
+                    else task.default_learning_rate(variant, method)
+                )
+                rates = half_decade_grid(around, args.lr_sweep_around)
             elif chosen_rates is not None:
                 if (variant, method) not in chosen_rates:
                     raise SystemExit(
@@ -216,17 +235,52 @@ def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[d
     return runs
 
 
-def _rates_from_summary(path: Path) -> dict[tuple[str, str], float]:
+def half_decade_grid(rate: float, steps: Sequence[int]) -> list[float]:
+    """``rate`` moved by each of ``steps`` half decades on the grid ``{1, 3} × 10^k``.
+
+    ``rate`` is first snapped to the nearest grid point in log scale (3 stands for ``10^½``), so
+    that sweeps around different rates share their points: ``half_decade_grid(0.1, [-1, 0, 1])``
+    is ``[0.03, 0.1, 0.3]``.
+    """
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"Invalid rate: {rate!r} (must be finite and > 0)")
+    centre = round(2 * math.log10(rate))
+    rates = []
+    for step in sorted(set(steps)):
+        exponent, odd = divmod(centre + step, 2)
+        rates.append(float(f"{(3 if odd else 1)}e{exponent}"))
+    return rates
+
+
+def _rates_from_summary(source: str, variants: Sequence[str]) -> dict[tuple[str, str], float]:
+    """``(variant, method) -> lr`` of a summary; ``"file:VARIANT"`` maps VARIANT's rates to all."""
+    path, from_variant = Path(source), None
+    if not path.exists() and ":" in source:
+        name, _, from_variant = source.rpartition(":")
+        path = Path(name)
     try:
         summary = json.loads(path.read_text())
-        return {
+        rates = {
             (variant, method): float(entry["lr"])
             for variant, data in summary["variants"].items()
             for method, entry in data["methods"].items()
         }
     except (OSError, ValueError, KeyError, TypeError) as error:
-        message = f"lorsum compare: --lr-from {path}: not a readable summary ({error})"
+        message = f"lorsum compare: --lr-from {source}: not a readable summary ({error})"
         raise SystemExit(message) from None
+    if from_variant is None:
+        return rates
+    if from_variant not in summary["variants"]:
+        raise SystemExit(
+            f"lorsum compare: --lr-from {source}: the summary has no variant {from_variant!r} "
+            f"(it has {', '.join(summary['variants'])})"
+        )
+    return {
+        (variant, method): lr
+        for (source_variant, method), lr in rates.items()
+        if source_variant == from_variant
+        for variant in variants
+    }
 
 
 def run_path(out_dir: Path, config: dict[str, Any]) -> Path:
@@ -434,6 +488,15 @@ def _positive_float(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return value
+
+
+def _half_decades(text: str) -> list[int]:
+    try:
+        return [int(part) for part in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers (half decades), got {text!r}"
+        ) from None
 
 
 def _rates(text: str) -> list[float]:

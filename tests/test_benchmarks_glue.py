@@ -4,13 +4,16 @@ MiniLM when its package is installed). Nothing here reads the real data or the n
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
 
 import pytest
 import torch
 from benchmarks import glue_data, pretrained
-from benchmarks.tasks import glue
+from benchmarks.tasks import _finetune, glue
+
+from lorsum.adapters import SDSLoRALinear
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -173,3 +176,54 @@ def test_the_quick_budget_is_two_epochs_of_two_thousand_examples():
 def test_the_real_minilm_trains_a_step(fake_glue):
     out = glue.train("mrpc", "lorsum-x1", 0.05, 0, steps=1, data_dir=fake_glue)
     assert math.isfinite(out["curves"]["train_loss"][0])
+
+
+@pytest.mark.parametrize("method", list(_finetune.ADAPTERS))
+def test_adapters_start_as_the_model_with_the_lora_budget(method, tiny_minilm):
+    model, _ = pretrained.load_minilm("sequence-classification")
+    inputs = {"input_ids": torch.tensor([[2, 7, 8, 3, 0]]), "attention_mask": torch.ones(1, 5)}
+    model.eval()
+    before = model(**inputs).logits
+    lora = _finetune.prepare(
+        copy.deepcopy(model), "lora-adamw", glue.TARGETS, 4, modules_to_save=["classifier"]
+    )
+    adapted = _finetune.prepare(model, method, glue.TARGETS, 4, modules_to_save=["classifier"])
+    adapted.eval()
+    torch.testing.assert_close(adapted(**inputs).logits, before, rtol=1e-5, atol=1e-5)
+
+    optimizers = _finetune.Optimizers(adapted, method, 1e-3, steps=20)
+    adapter_size = sum(p.numel() for p in optimizers.optimizers[0].param_groups[0]["params"])
+    head = sum(p.numel() for p in optimizers.optimizers[1].param_groups[0]["params"])
+    assert head == 32 * 2 + 2  # the classifier, trained at HEAD_LR
+    lora_size = _finetune.trainable_parameters(lora) - head
+    assert lora_size == 4 * 4 * (32 + 32)  # 4 layers of 32 × 32, r(m + n)
+    if method == "loldu":
+        assert adapter_size == 4 * 32  # every pivot: LoLDU's largest budget
+    elif method == "sds-lora":
+        assert adapter_size == lora_size  # the singular values are not trained separately
+    else:
+        assert adapter_size == lora_size
+
+
+@pytest.mark.parametrize("method", list(_finetune.ADAPTERS))
+def test_adapters_train_on_glue(method, fake_glue, tiny_minilm):
+    out = glue.train("sst2", method, 1e-2, 0, steps=12, data_dir=fake_glue)
+    assert all(math.isfinite(v) for v in out["curves"]["train_loss"])
+    assert math.isfinite(out["final"]["score"])
+    assert out["curves"]["train_loss"][0] != out["curves"]["train_loss"][-1]
+
+
+def test_sds_lora_follows_its_schedule(tiny_minilm):
+    model, _ = pretrained.load_minilm("sequence-classification")
+    model = _finetune.prepare(model, "sds-lora", glue.TARGETS, 4, modules_to_save=["classifier"])
+    optimizers = _finetune.Optimizers(model, "sds-lora", 1e-3, steps=40)
+    layers = [m for m in model.modules() if isinstance(m, SDSLoRALinear)]
+    assert len(layers) == 4
+    assert optimizers.schedule is not None
+    inputs = {"input_ids": torch.tensor([[2, 7, 8, 3]]), "labels": torch.tensor([1])}
+    for step in range(1, 41):
+        optimizers.zero_grad()
+        model(**inputs).loss.backward()
+        optimizers.step()
+        assert all(layer.is_active == (step >= 10) for layer in layers)
+    assert optimizers.schedule.refreshes > 0

@@ -10,6 +10,7 @@ from math import inf
 from pathlib import Path
 
 import pytest
+from benchmarks.compare import half_decade_grid
 
 from lorsum.cli import find_harness_root, main
 
@@ -107,6 +108,40 @@ def test_a_sweep_s_rates_are_reused_and_summaries_rebuilt_from_stored_runs(tmp_p
     with pytest.raises(SystemExit, match="selects a learning rate for lora-adamw"):
         main([*sweep, "--methods", "lora-adamw", "--lr-from", summary_file,
               "--out-dir", str(tmp_path)])  # fmt: skip
+
+
+def test_a_sweep_around_each_method_s_rate_moves_by_half_decades(tmp_path):
+    assert half_decade_grid(0.1, [-1, 0, 1]) == [0.03, 0.1, 0.3]
+    assert half_decade_grid(3e-4, [2, -2, 0]) == [3e-5, 3e-4, 3e-3]
+    assert half_decade_grid(0.05, [0]) == [0.03]  # snapped: log10(0.05) is nearer log10(0.03)
+    with pytest.raises(ValueError, match=r"Invalid rate: 0\.0"):
+        half_decade_grid(0.0, [0])
+    sweep = ["compare", "--variants", "deterministic", "--methods", "lora-sgd,lorsum-x1",
+             "--steps", "2", "--no-plot", "--seeds", "1", "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main([*sweep, "--lr-sweep", "0.1,0.01", "--name", "first"]) == 0
+    assert main([*sweep, "--lr-sweep-around=-1,1", "--lr-from",
+                 str(tmp_path / "first-summary.json"), "--name", "around"]) == 0  # fmt: skip
+    first = json.loads((tmp_path / "first-summary.json").read_text())["variants"]["deterministic"]
+    around = json.loads((tmp_path / "around-summary.json").read_text())["variants"]
+    for method, entry in around["deterministic"]["methods"].items():
+        centre = first["methods"][method]["lr"]
+        assert [s["lr"] for s in entry["sweep"]] == half_decade_grid(centre, [-1, 1])
+    with pytest.raises(SystemExit):
+        main([*sweep, "--lr-sweep-around", "0", "--lr", "0.1"])
+
+
+def test_one_variant_s_rates_serve_every_variant(tmp_path):
+    common = ["compare", "--methods", "lora-sgd", "--steps", "2", "--no-plot", "--seeds", "1",
+              "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main([*common, "--variants", "deterministic", "--lr", "0.07", "--name", "one"]) == 0
+    source = f"{tmp_path / 'one-summary.json'}:deterministic"
+    assert main([*common, "--lr-from", source, "--name", "both"]) == 0
+    both = json.loads((tmp_path / "both-summary.json").read_text())["variants"]
+    assert {v: d["methods"]["lora-sgd"]["lr"] for v, d in both.items()} == {
+        "deterministic": 0.07, "stochastic": 0.07,
+    }  # fmt: skip
+    with pytest.raises(SystemExit, match="has no variant 'noisy'"):
+        main([*common, "--lr-from", f"{tmp_path / 'one-summary.json'}:noisy"])
 
 
 def test_console_script_help_explains_the_options():

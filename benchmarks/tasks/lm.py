@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from benchmarks import pretrained
-from benchmarks.tasks import _finetune
+from benchmarks.tasks import _finetune, glue
 
 VARIANTS = ("wikitext2-smollm2",)
 METRIC = "test_perplexity"
@@ -85,14 +85,8 @@ SIZES = {
 # default_steps needs neither the data nor the model (checked by a slow test when both exist).
 VALID_TOKENS = 273_868
 
-# Placeholder rates (Adam-type 1e-3, SGD-type 0.05, full fine-tuning 1e-5) until a learning-rate
-# sweep on this task sets them per method.
-_LEARNING_RATES = {
-    "full-adamw": 1e-5, "lora-sgd": 0.05, "lora-adamw": 1e-3, "loraplus": 1e-3,
-    "precond-sgd": 0.05, "precond-adamw": 1e-3, "svdlora": 0.05, "lora-pro": 1e-3,
-    "lorsum-x1-nomom": 0.05, "lorsum-x1": 0.05, "lorsum-x2": 0.05, "lorsum-x8": 0.05,
-    "scaled-kfac": 1e-3, "scaled-shampoo": 1e-3,
-}  # fmt: skip
+# Until this task's own sweep sets them: SST-2's tuned rates (``glue``), the centre of that sweep.
+_LEARNING_RATES = {m: glue.default_learning_rate("sst2", m) for m in _finetune.METHODS}
 
 # (resolved path, tokenizer vocabulary size) -> the file's token ids (CPU, int64). The harness
 # trains many runs in one process; each file is tokenised once.

@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from benchmarks import pretrained
-from benchmarks.tasks import _finetune
+from benchmarks.tasks import _finetune, glue
 
 VARIANTS = ("squad-v2",)
 METRIC = "f1"
@@ -99,14 +99,8 @@ SIZES = {
 # default_steps exact without loading a tokenizer. train() counts the windows of the data it gets.
 _TRAIN_WINDOWS = {256: 5736, 384: 4817}
 
-# Placeholders until a learning-rate sweep on this task sets them: 1e-3 for the Adam-type
-# methods, 1e-4 for full fine-tuning, 0.05 for the SGD-type ones.
-_LEARNING_RATES = {
-    "full-adamw": 1e-4, "lora-sgd": 0.05, "lora-adamw": 1e-3, "loraplus": 1e-3,
-    "precond-sgd": 0.05, "precond-adamw": 1e-3, "svdlora": 0.05, "lora-pro": 1e-3,
-    "lorsum-x1-nomom": 0.05, "lorsum-x1": 0.05, "lorsum-x2": 0.05, "lorsum-x8": 0.05,
-    "scaled-kfac": 1e-3, "scaled-shampoo": 1e-3,
-}  # fmt: skip
+# Until this task's own sweep sets them: SST-2's tuned rates (``glue``), the centre of that sweep.
+_LEARNING_RATES = {m: glue.default_learning_rate("sst2", m) for m in _finetune.METHODS}
 
 _INPUTS = ("input_ids", "token_type_ids", "attention_mask")
 _LABELS = ("start_positions", "end_positions")
