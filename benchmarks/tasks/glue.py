@@ -53,7 +53,7 @@ _LEARNING_RATES = {
     "precond-sgd": 0.01, "precond-adamw": 3e-3, "svdlora": 0.1, "lora-pro": 3e-4,
     "lorsum-x1-nomom": 0.3, "lorsum-x1": 0.1, "lorsum-x2": 0.1, "lorsum-x8": 0.01,
     "scaled-kfac": 0.03, "scaled-shampoo": 0.03,
-    "sds-lora": 1e-3, "miss": 1e-3, "bat": 1e-3, "loldu": 1e-3,
+    "sds-lora": 0.003, "miss": 0.001, "bat": 0.003, "loldu": 0.001,
 }  # fmt: skip
 
 
