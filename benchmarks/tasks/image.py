@@ -126,8 +126,8 @@ def train(
     """One run: ``{"curves": {"test_accuracy", "train_loss"}, "final": {...}}``."""
     _check_variant(variant)
     optimizer_name, hparams = methods(variant)[method]
-    per_class, epochs = SIZES[size]
-    data = _load(variant, Path(data_dir), per_class, device)
+    epochs = SIZES[size][1]
+    data = load_data(variant, data_dir, size=size, device=device)
     steps_per_epoch = -(-data["train_x"].shape[0] // BATCH)
     steps = epochs * steps_per_epoch if steps is None else steps
     model = build_model(variant, seed=seed).to(device)
@@ -164,7 +164,7 @@ def train(
             if progress is not None:
                 progress()
             if step % steps_per_epoch == 0 or step == steps:
-                accuracy.append(_evaluate(model, data["test_x"], data["test_y"]))
+                accuracy.append(evaluate(model, data["test_x"], data["test_y"]))
             if step == steps:
                 break
     if getattr(lora_opt, "capture", None) is not None:
@@ -176,7 +176,8 @@ def train(
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy of ``model`` (put in eval mode) on ``images``, in chunks of 1,000."""
     model.eval()
     correct = sum(
         int((model(x).argmax(1) == y).sum())
@@ -185,7 +186,16 @@ def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> f
     return correct / labels.shape[0]
 
 
-def _load(variant: str, data_dir: Path, per_class: int | None, device: str) -> dict[str, Any]:
+def load_data(
+    variant: str, data_dir: str | Path, *, size: str = "quick", device: str = "cpu"
+) -> dict[str, Any]:
+    """The normalised training subset of ``size`` and the whole test set of ``variant``'s data:
+    ``{"train_x", "train_y", "test_x", "test_y"}`` (images ``(N, C, 32, 32)`` float32)."""
+    _check_variant(variant)
+    if size not in SIZES:
+        raise ValueError(f"unknown image size {size!r} (choose from {', '.join(SIZES)})")
+    per_class = SIZES[size][0]
+    data_dir = Path(data_dir)
     dataset = variant.split("-")[0]
     if dataset == "cifar10":
         splits = datasets.cifar10(data_dir, CACHE_DIR)
