@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks import _results
+from benchmarks import _cli, _results
 from benchmarks.tasks import TASKS
 
 DEFAULT_OUT = Path("runs") / "compare"
@@ -87,20 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--variants",
-        type=_names,
+        type=_cli.names,
         default=None,
         help="comma-separated variants of the task (default: all)",
     )
     parser.add_argument(
         "--methods",
-        type=_names,
+        type=_cli.names,
         default=None,
         help="comma-separated methods (default: every method of the task)",
     )
-    parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..S-1 (default: 3)")
+    parser.add_argument(
+        "--seeds", type=_cli.positive_int, default=3, help="seeds 0..S-1 (default: 3)"
+    )
     parser.add_argument(
         "--steps",
-        type=_positive_int,
+        type=_cli.positive_int,
         default=None,
         help="optimizer steps per run (default: the task's budget)",
     )
@@ -114,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     rates = parser.add_mutually_exclusive_group()
     rates.add_argument(
         "--lr",
-        type=_positive_float,
+        type=_cli.positive_float,
         default=None,
         help="one learning rate for every method (default: the task's tuned ones)",
     )
@@ -160,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--jobs",
-        type=_positive_int,
+        type=_cli.positive_int,
         default=1,
         help="runs trained at once, each in its own process sharing the CPU cores (and the GPU) "
         "evenly; small models leave a GPU mostly idle, so several jobs fill it (default: 1)",
@@ -463,36 +465,9 @@ class _Progress:
             self.bar.close()
 
 
-def _names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
 def _half_decades(text: str) -> list[int]:
     try:
-        return [int(part) for part in _names(text)]
+        return [int(part) for part in _cli.names(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers (half decades), got {text!r}"
@@ -500,7 +475,7 @@ def _half_decades(text: str) -> list[int]:
 
 
 def _rates(text: str) -> list[float]:
-    return [_positive_float(part) for part in _names(text)]
+    return [_cli.positive_float(part) for part in _cli.names(text)]
 
 
 if __name__ == "__main__":

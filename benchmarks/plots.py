@@ -61,10 +61,10 @@ def plot_curves(summary: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(f"{summary['metric']}, mean over seeds{floor}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     """Write the figure atomically (temp file, then rename) and close it."""
     import matplotlib.pyplot as plt
 
@@ -106,7 +106,7 @@ def plot_lr_sweep(
         ax.set_ylabel(f"final {summary['metric']}, mean over seeds")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

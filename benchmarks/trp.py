@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -44,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks import _results
+from benchmarks import _cli, _results, plots
 from benchmarks.tasks import image
 from lorsum.compression import LayerReport, TrainedRankPruning, split_layer
 from lorsum.compression.trp import matrix_view
@@ -449,52 +448,7 @@ def plot(record: Mapping[str, Any], path: Path) -> None:
     ax_time.grid(alpha=0.3, axis="y")
     ax_time.legend(fontsize=8, ncol=2, loc="upper center")
 
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")  # written whole, then renamed: never a partial PNG
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _energy(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"energy must be a number in (0, 1], got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0.0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
+    plots.save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -506,26 +460,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", choices=image.VARIANTS, default="cifar10-lenet5")
     parser.add_argument("--size", choices=tuple(image.SIZES), default="quick")
     parser.add_argument(
-        "--epochs", type=_positive_int, default=None, help="default: the size's epochs"
+        "--epochs", type=_cli.positive_int, default=None, help="default: the size's epochs"
     )
     parser.add_argument(
-        "--lr", type=_positive_float, default=None, help="default: the image task's full-sgd rate"
+        "--lr",
+        type=_cli.positive_float,
+        default=None,
+        help="default: the image task's full-sgd rate",
     )
-    parser.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..S-1 (default 3)")
-    parser.add_argument("--energies", type=_energy, nargs="+", default=list(DEFAULT_ENERGIES))
+    parser.add_argument(
+        "--seeds", type=_cli.positive_int, default=3, help="seeds 0..S-1 (default 3)"
+    )
+    parser.add_argument("--energies", type=_cli.fraction, nargs="+", default=list(DEFAULT_ENERGIES))
     parser.add_argument("--solvers", choices=SOLVERS, nargs="+", default=list(SOLVERS))
     parser.add_argument(
-        "--post-hoc-energies", type=_energy, nargs="+", default=list(DEFAULT_POST_HOC_ENERGIES)
+        "--post-hoc-energies",
+        type=_cli.fraction,
+        nargs="+",
+        default=list(DEFAULT_POST_HOC_ENERGIES),
     )
-    parser.add_argument("--period", type=_positive_int, default=1, help="TRP projection period")
+    parser.add_argument("--period", type=_cli.positive_int, default=1, help="TRP projection period")
     parser.add_argument(
-        "--nuclear-weight", type=_non_negative_float, default=0.0, help="TRP's λ (default 0)"
+        "--nuclear-weight", type=_cli.non_negative_float, default=0.0, help="TRP's λ (default 0)"
     )
     parser.add_argument(
-        "--sweeps", type=_positive_int, default=2, help="LoRSum sweeps per warm truncation"
+        "--sweeps", type=_cli.positive_int, default=2, help="LoRSum sweeps per warm truncation"
     )
     parser.add_argument(
-        "--threads", type=_positive_int, default=1,
+        "--threads", type=_cli.positive_int, default=1,
         help="torch threads (default 1: the other core may be busy)",
     )  # fmt: skip
     parser.add_argument("--force", action="store_true", help="rerun even if the result exists")

@@ -213,10 +213,10 @@ def test_targets_skip_the_first_convolution_and_the_output_layer():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--energies", "1.5"], r"energy must be a number in \(0, 1\], got '1.5'"),
-        (["--post-hoc-energies", "0"], r"energy must be a number in \(0, 1\], got '0'"),
+        (["--energies", "1.5"], r"must be a number in \(0, 1\], got '1.5'"),
+        (["--post-hoc-energies", "0"], r"must be a number in \(0, 1\], got '0'"),
         (["--seeds", "0"], r"must be a positive integer, got '0'"),
-        (["--lr", "-1"], r"must be a finite number > 0, got '-1'"),
+        (["--lr", "-1"], r"must be a positive number, got '-1'"),
         (["--nuclear-weight", "nan"], r"must be a number >= 0, got 'nan'"),
         (["--solvers", "qr"], r"invalid choice: 'qr'"),
     ],
