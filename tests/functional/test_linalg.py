@@ -1,4 +1,4 @@
-"""prox_solve: the damped Cholesky solve, its eigh fallback and the λ → 0⁺ limit."""
+"""prox_solve: the damped Cholesky solve, its rounding-shift retry and the λ → 0⁺ limit."""
 
 from __future__ import annotations
 
@@ -42,16 +42,36 @@ def test_zero_gram_returns_the_anchor():
     )
 
 
-def test_failed_cholesky_falls_back_to_eigh_not_to_the_identity():
-    # An indefinite "Gram" (rounding gone wrong) makes Cholesky fail; the eigh path clamps the
-    # negative eigenvalue at zero and still solves the damped system.
-    K = torch.diag(torch.tensor([4.0, -1.0], dtype=torch.float64))
-    R, Z0 = (
-        torch.tensor([[8.0], [1.0]], dtype=torch.float64),
-        torch.zeros(2, 1, dtype=torch.float64),
-    )
-    Z = prox_solve(K, R, Z0, 1.0)
-    torch.testing.assert_close(Z, torch.tensor([[8.0 / 5.0], [1.0]], dtype=torch.float64))
+def test_a_gram_indefinite_by_rounding_is_solved_with_the_rounding_shift():
+    # float32 Gram of a rank-1 factor with a huge norm: K + λI with λ far below ε‖K‖ is not
+    # numerically positive definite, so the first factorisation fails and the shifted one runs.
+    b = torch.tensor([[1e4], [1e4 * (1 + 2**-20)], [-1e4]], dtype=torch.float32)
+    K = b @ b.T
+    K[2, 2] -= 1.0  # rounding-sized indefiniteness (|δ| ≪ ε‖K‖ ≈ 36)
+    assert torch.linalg.cholesky_ex(K + 1e-6 * torch.eye(3))[1] != 0
+    R, Z0 = K @ torch.ones(3, 1), torch.zeros(3, 1)
+    Z = prox_solve(K, R, Z0, 1e-6)
+    assert torch.isfinite(Z).all()
+    # The solution fits K Z = R to the accuracy the float32 Gram carries.
+    assert torch.linalg.norm(K @ Z - R) <= 1e-4 * torch.linalg.norm(R)
+
+
+def test_a_truly_indefinite_gram_gives_nan_not_the_identity():
+    # An indefinite "Gram" far beyond rounding: no shift the precision justifies makes it
+    # definite, so the solve says so with NaN (the optimizers then skip and count the step).
+    K = torch.diag(torch.tensor([4.0, -3.0], dtype=torch.float64))  # K + λI = diag(5, -2)
+    R = torch.tensor([[8.0], [1.0]], dtype=torch.float64)
+    Z = prox_solve(K, R, torch.zeros(2, 1, dtype=torch.float64), 1.0)
+    assert torch.isnan(Z).all()
+
+
+def test_solves_are_batched_over_leading_dimensions():
+    L = randn(3, 4, 4, seed=8)
+    K, R, Z0 = L @ L.mT, randn(3, 4, 2, seed=9), randn(3, 4, 2, seed=10)
+    batched = prox_solve(K, R, Z0, 0.5)
+    for i in range(3):
+        assert ref.rel_err(batched[i], prox_solve(K[i], R[i], Z0[i], 0.5)) <= 1e-12
+    assert ref.rel_err(prox_solve(K, R, Z0, 0.0)[1], prox_solve(K[1], R[1], Z0[1], 0.0)) <= 1e-10
 
 
 def test_compute_dtype_is_at_least_float32():

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -81,10 +82,19 @@ class SDSLoRALinear(nn.Module):
         self.register_buffer("active", torch.tensor(False, device=factory["device"]))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # A host-side copy of the ``active`` buffer: the forward branches on it, and reading
+        # the buffer itself on an accelerator would synchronise every forward pass.
+        self._active_on_host: bool | None = False
 
     @property
     def is_active(self) -> bool:
-        return bool(self.active)
+        if self._active_on_host is None:  # after load_state_dict: read the buffer once
+            self._active_on_host = bool(self.active)
+        return self._active_on_host
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._active_on_host = None
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base(x)
@@ -107,6 +117,7 @@ class SDSLoRALinear(nn.Module):
         self.basis_A.copy_(basis_A)
         self.basis_B.copy_(basis_B)
         self.active.fill_(True)
+        self._active_on_host = True
 
     @torch.no_grad()
     def refresh(self, norm_floor: float = 1e-2) -> bool:

@@ -1,0 +1,113 @@
+"""``step()`` reads nothing back from the device: no ``.item()``, ``bool()``, ``float()``.
+
+On an accelerator every such read waits for the queue to drain, and with several runs sharing
+one GPU each wait also waits for the other runs' kernels: a LoRSum step with a read per
+solve was several times slower than AdamW there. On the CPU the same reads are free, so these
+tests forbid them by patching ``Tensor``'s conversions for the duration of a step; on a CUDA
+device ``torch.cuda.set_sync_debug_mode("error")`` checks the real thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+
+import lorsum
+
+# Steps that must not read device values (the first step of each is a warm-up: it may create
+# state on the host, e.g. the momentum's starting basis).
+SYNC_FREE = {
+    "lorsum-x0": ("lorsum", {"lr": 0.1, "num_iters": 0}),
+    "lorsum-x3": ("lorsum", {"lr": 0.1, "num_iters": 3}),
+    "lorsum-momentum": ("lorsum", {"lr": 0.1, "num_iters": 1, "momentum": 0.9}),
+    "lorsum-clipped": ("lorsum", {"lr": 0.1, "num_iters": 1, "max_grad_norm": 1.0}),
+    "scaled-kfac": ("scaled_lorsum", {"lr": 0.1, "metric": "kfac"}),
+    "scaled-shampoo": ("scaled_lorsum", {"lr": 0.1, "metric": "shampoo"}),
+    "precond-sgd": ("precond_sgd", {"lr": 0.1}),
+    "precond-adamw": ("precond_adamw", {"lr": 0.01}),
+}
+
+
+@contextlib.contextmanager
+def no_host_reads(host_resident=()):
+    """Raise on every conversion of a tensor to a Python value (a device sync on accelerators).
+
+    ``host_resident``: tensors kept on the CPU whatever the device (step counters, as in torch's
+    own Adam); reading those is allowed.
+    """
+    allowed = {id(t) for t in host_resident}
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def guarded(name):
+        def convert(self, *args, **kwargs):
+            if id(self) not in allowed:
+                raise AssertionError(f"step() read a tensor value back to the host ({name})")
+            return saved[name](self, *args, **kwargs)
+
+        return convert
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, guarded(name))
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _step_counters(optimizer):
+    return [v for state in optimizer.state.values() for k, v in state.items() if k == "step"]
+
+
+def _model_and_optimizer(method, hparams, device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3)).to(device)
+    lorsum.add_lora(model, ["0", "2"], rank=4)
+    with torch.no_grad():
+        for pair in lorsum.find_lora_pairs(model):
+            pair.B.normal_(std=0.1)
+    model.to(device)
+    return model, lorsum.create_optimizer(model, method, **hparams)
+
+
+def _train_step(model, optimizer, device):
+    x, y = torch.randn(8, 12, device=device), torch.randint(0, 3, (8,), device=device)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("name", sorted(SYNC_FREE))
+def test_a_step_reads_nothing_back(name):
+    method, hparams = SYNC_FREE[name]
+    model, optimizer = _model_and_optimizer(method, hparams, "cpu")
+    for step in range(3):
+        _train_step(model, optimizer, "cpu")
+        context = no_host_reads(_step_counters(optimizer)) if step else contextlib.nullcontext()
+        with context:
+            optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_the_guard_itself_catches_a_read():
+    with no_host_reads(), pytest.raises(AssertionError, match="read a tensor value"):
+        bool(torch.ones(()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(SYNC_FREE))
+def test_a_cuda_step_does_not_synchronise(name):
+    method, hparams = SYNC_FREE[name]
+    model, optimizer = _model_and_optimizer(method, hparams, "cuda")
+    for step in range(3):
+        _train_step(model, optimizer, "cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if step > 0 else "default")
+        try:
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        optimizer.zero_grad()
