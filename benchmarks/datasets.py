@@ -64,7 +64,8 @@ def cifar10(data_dir: Path, cache_dir: Path) -> dict[str, ImageSplit]:
         return {split: ImageSplit(*stored[split]) for split in ("train", "test")}
     decoded = _decode_cifar_archive(archive)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
+    # One temporary file per process: parallel runs may decode the archive at the same time.
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     torch.save({split: (s.images, s.labels) for split, s in decoded.items()}, tmp)
     os.replace(tmp, cache)
     return decoded
