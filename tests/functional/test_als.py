@@ -627,3 +627,55 @@ def test_invalid_options_raise_with_the_offending_values(kwargs, error, match):
     if "compute_dtype" not in kwargs and "tol" not in kwargs:
         with pytest.raises(error, match=match):
             next(lorsum_iterates(*_good(), **kwargs))
+
+
+@given(
+    stack=st.integers(1, 4),
+    m=st.integers(1, 12),
+    n=st.integers(1, 12),
+    r=st.integers(1, 4),
+    k=st.integers(1, 10),
+    num_iters=st.integers(0, 3),
+    damping=st.sampled_from([0.0, 1e-3, 0.5]),
+    metric=st.sampled_from([None, "diagonal", "dense"]),
+    seed=st.integers(0, 2**16),
+)
+def test_a_stack_of_problems_is_solved_as_each_one_alone(
+    stack, m, n, r, k, num_iters, damping, metric, seed
+):
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(stack, *shape, generator=g, dtype=torch.float64)
+
+    B0, A0, S, X, D = draw(m, r), draw(r, n), draw(k, m), draw(k, n), draw(m, n)
+    terms, weights = [(B0, A0), (S.mT, X), D], [1.0, -0.3, 0.1]
+    metrics = {}
+    if metric == "diagonal":
+        metrics = {"metric_out": draw(m).abs() + 0.5, "metric_in": draw(n).abs() + 0.5}
+    elif metric == "dense":
+        L_out, L_in = draw(m, m), draw(n, n)
+        eye_m, eye_n = torch.eye(m, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
+        metrics = {"metric_out": L_out @ L_out.mT + eye_m, "metric_in": L_in @ L_in.mT + eye_n}
+    options = {"num_iters": num_iters, "damping": damping}
+    B, A = lorsum(terms, weights, (B0, A0), **options, **metrics)
+    assert B.shape == (stack, m, r)
+    assert A.shape == (stack, r, n)
+    for i in range(stack):
+        one = [(B0[i], A0[i]), (S[i].mT, X[i]), D[i]]
+        B_i, A_i = lorsum(
+            one, weights, (B0[i], A0[i]), **options, **{k: v[i] for k, v in metrics.items()}
+        )
+        torch.testing.assert_close(B[i] @ A[i], B_i @ A_i, rtol=1e-9, atol=1e-9)
+
+
+def test_a_stack_must_carry_the_same_leading_dims_everywhere():
+    B0, A0 = torch.zeros(3, 5, 2), torch.zeros(3, 2, 4)
+    with pytest.raises(
+        ValueError, match=r"init\[1\] \(A0\) must be a stack of matrices of shape \(3,\)"
+    ):
+        lorsum([(B0, A0)], [1.0], (B0, A0[:2]))
+    with pytest.raises(ValueError, match=r"terms\[1\]\[1\] \(right factor\) must be a stack"):
+        lorsum([(B0, A0), (torch.zeros(3, 5, 7), torch.zeros(7, 4))], [1.0, 1.0], (B0, A0))
+    with pytest.raises(ValueError, match=r"metric_in has shape \(4,\); expected \(3, 4\)"):
+        lorsum([(B0, A0)], [1.0], (B0, A0), metric_in=torch.ones(4))

@@ -22,12 +22,12 @@ __all__ = ["lorsum", "lorsum_iterates"]
 def lorsum(
     terms: Sequence[Term],  # each (P (m, k_i), Q (k_i, n)) or dense (m, n)
     weights: Sequence[float | Tensor],  # one scalar per term
-    init: tuple[Tensor, Tensor],  # (B0 (m, r), A0 (r, n)); B0 may be zero
+    init: tuple[Tensor, Tensor],  # (B0 (…, m, r), A0 (…, r, n)); B0 may be zero
     *,
     num_iters: int = 1,
     damping: float = 0.0,
-    metric_out: Tensor | None = None,  # (m,) diagonal or (m, m) SPD
-    metric_in: Tensor | None = None,  # (n,) diagonal or (n, n) SPD
+    metric_out: Tensor | None = None,  # (…, m) diagonal or (…, m, m) SPD
+    metric_in: Tensor | None = None,  # (…, n) diagonal or (…, n, n) SPD
     tol: float = 0.0,
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -70,6 +70,11 @@ def lorsum(
     least-squares solve on the range of the Gram, the init kept along its null space. Hence the
     LoRA start ``B0 = 0`` is legal for any ``λ``: the A-solve sees nothing and keeps ``A0``, the
     B-solve then projects ``T`` onto the row space of ``A0``.
+
+    Stacks: with leading dims on ``B0``, every tensor (term factors, metrics, ``A0``) carries the
+    same leading dims and the problems are solved at once, one batched product and one batched
+    r×r factorisation per half-step (the weights are shared by the stack). This is how an
+    optimizer steps many same-shape layers without a Python loop over them.
 
     Numerics: everything runs in ``compute_dtype`` (default: the promoted dtype of all inputs,
     at least float32); the outputs are cast once, ``B`` to the dtype of ``B0``, ``A`` to ``A0``'s.
@@ -186,9 +191,10 @@ class _Problem:
     ) -> _Problem:
         if not isinstance(init, tuple | list) or len(init) != 2:
             raise TypeError(f"init must be a pair (B0, A0), got {type(init).__name__}")
-        B0 = _check_matrix("init[0] (B0)", init[0])
-        A0 = _check_matrix("init[1] (A0)", init[1])
-        (m, r), (r_a, n) = B0.shape, A0.shape
+        batch = _batch_of(init[0])
+        B0 = _check_matrix("init[0] (B0)", init[0], batch)
+        A0 = _check_matrix("init[1] (A0)", init[1], batch)
+        (m, r), (r_a, n) = B0.shape[-2:], A0.shape[-2:]
         if r != r_a:
             raise ValueError(
                 f"init factors disagree on the rank: B0 is {tuple(B0.shape)} and A0 is "
@@ -200,7 +206,7 @@ class _Problem:
             raise ValueError(f"B0 is on {B0.device} but A0 is on {A0.device}")
         metrics = {"metric_out": (metric_out, m), "metric_in": (metric_in, n)}
         for name, (metric, size) in metrics.items():
-            _check_metric(name, metric, size, B0.device)
+            _check_metric(name, metric, size, B0.device, batch)
         if compute_dtype is None:
             given = [B0, A0, *(x for x, _ in metrics.values() if x is not None)]
             given += _term_tensors(terms)
@@ -208,7 +214,7 @@ class _Problem:
         elif not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
             raise TypeError(f"compute_dtype must be a floating torch.dtype, got {compute_dtype!r}")
         target = FactoredSum.from_terms(
-            terms, weights, (m, n), dtype=compute_dtype, device=B0.device
+            terms, weights, (m, n), dtype=compute_dtype, device=B0.device, batch=batch
         )
         return _Problem(
             target=target,
@@ -246,7 +252,7 @@ def _metric_times(metric: Tensor | None, X: Tensor) -> Tensor:
     """``M @ X`` for a diagonal (vector) or dense (matrix) metric; identity when ``None``."""
     if metric is None:
         return X
-    if metric.ndim == 1:
+    if metric.ndim < X.ndim:  # (…, d) against X (…, d, c): the diagonal of M
         return metric.unsqueeze(-1) * X
     return metric @ X
 
@@ -255,7 +261,7 @@ def _relative_change(A_new: Tensor, A: Tensor, B_new: Tensor, B: Tensor) -> floa
     tiny = torch.finfo(A.dtype).tiny
     change_A = torch.linalg.matrix_norm(A_new - A) / torch.linalg.matrix_norm(A).clamp_min(tiny)
     change_B = torch.linalg.matrix_norm(B_new - B) / torch.linalg.matrix_norm(B).clamp_min(tiny)
-    return float(torch.maximum(change_A, change_B))
+    return float(torch.maximum(change_A, change_B).max())  # the slowest problem of a stack
 
 
 def _check_options(*, num_iters: object, damping: object, tol: object) -> None:
@@ -270,17 +276,25 @@ def _check_options(*, num_iters: object, damping: object, tol: object) -> None:
             raise ValueError(f"Invalid {name}: {value} (must be finite and >= 0)")
 
 
-def _check_metric(name: str, metric: Tensor | None, size: int, device: torch.device) -> None:
+def _batch_of(B0: object) -> tuple[int, ...]:
+    """The leading dims of a stacked init (``()`` for one problem); shapes are checked later."""
+    return tuple(B0.shape[:-2]) if isinstance(B0, Tensor) and B0.ndim > 2 else ()
+
+
+def _check_metric(
+    name: str, metric: Tensor | None, size: int, device: torch.device, batch: tuple[int, ...]
+) -> None:
     if metric is None:
         return
     if not isinstance(metric, Tensor):
         raise TypeError(f"{name} must be a tensor or None, got {type(metric).__name__}")
     if metric.is_complex() or not metric.is_floating_point():
         raise TypeError(f"{name} must have a real floating dtype, got {metric.dtype}")
-    if tuple(metric.shape) not in ((size,), (size, size)):
+    diagonal, dense = (*batch, size), (*batch, size, size)
+    if tuple(metric.shape) not in (diagonal, dense):
         raise ValueError(
-            f"{name} has shape {tuple(metric.shape)}; expected ({size},) for a diagonal metric "
-            f"or ({size}, {size}) for a dense one"
+            f"{name} has shape {tuple(metric.shape)}; expected {diagonal} for a diagonal metric "
+            f"or {dense} for a dense one"
         )
     if metric.device != device:
         raise ValueError(f"{name} is on {metric.device}, but the factors are on {device}")

@@ -35,11 +35,15 @@ def _check_weight(index: int, weight: object) -> float | Tensor:
     return float(weight)
 
 
-def _check_matrix(name: str, x: object) -> Tensor:
+def _check_matrix(name: str, x: object, batch: tuple[int, ...] = ()) -> Tensor:
+    """``x`` as a real floating matrix, or a stack of them with leading dims ``batch``."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a matrix (2-d), got shape {tuple(x.shape)}")
+    if x.ndim != 2 + len(batch) or tuple(x.shape[:-2]) != batch:
+        expected = (
+            "a matrix (2-d)" if not batch else f"a stack of matrices of shape {batch} + (·, ·)"
+        )
+        raise ValueError(f"{name} must be {expected}, got shape {tuple(x.shape)}")
     if x.is_complex() or not x.is_floating_point():
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
     if x.layout != torch.strided:
@@ -65,6 +69,7 @@ class FactoredSum:
     pairs: tuple[tuple[float | Tensor, Tensor, Tensor], ...]
     dense: tuple[tuple[float | Tensor, Tensor], ...]
     shape: tuple[int, int]
+    batch: tuple[int, ...] = ()
 
     @staticmethod
     def from_terms(
@@ -74,15 +79,18 @@ class FactoredSum:
         *,
         dtype: torch.dtype | None = None,
         device: torch.device | None = None,
+        batch: tuple[int, ...] = (),
     ) -> FactoredSum:
         """Validate ``terms`` against ``shape = (m, n)`` and cast them to ``dtype``/``device``.
 
         Args:
-            terms: each a pair ``(P (m, k), Q (k, n))`` or a dense ``(m, n)`` tensor.
-            weights: one real scalar (or 0-d tensor) per term.
+            terms: each a pair ``(P (m, k), Q (k, n))`` or a dense ``(m, n)`` tensor, every one
+                with the leading dims ``batch`` when a stack of sums is represented.
+            weights: one real scalar (or 0-d tensor) per term, shared by the stack.
             shape: ``(m, n)`` of the represented matrix.
             dtype: cast every factor to this dtype (no copy when it already matches).
             device: the device every term must already be on (no silent transfers).
+            batch: leading dims of a stack of sums (default ``()``: one sum).
 
         Raises:
             ValueError: ``len(terms) != len(weights)``, a shape that does not fit ``(m, n)``, a
@@ -107,16 +115,16 @@ class FactoredSum:
         for i, (term, weight) in enumerate(zip(terms, weights, strict=True)):
             w = _check_weight(i, weight)
             if isinstance(term, Tensor):
-                D = _check_matrix(f"terms[{i}]", term)
-                if tuple(D.shape) != (m, n):
+                D = _check_matrix(f"terms[{i}]", term, batch)
+                if tuple(D.shape[-2:]) != (m, n):
                     raise ValueError(
-                        f"dense terms[{i}] has shape {tuple(D.shape)}, expected ({m}, {n})"
+                        f"dense terms[{i}] has shape {tuple(D.shape)}, expected {(*batch, m, n)}"
                     )
                 dense.append((w, _place(f"terms[{i}]", D, dtype, device)))
             elif isinstance(term, tuple | list) and len(term) == 2:
-                P = _check_matrix(f"terms[{i}][0] (left factor)", term[0])
-                Q = _check_matrix(f"terms[{i}][1] (right factor)", term[1])
-                if P.shape[0] != m or Q.shape[1] != n or P.shape[1] != Q.shape[0]:
+                P = _check_matrix(f"terms[{i}][0] (left factor)", term[0], batch)
+                Q = _check_matrix(f"terms[{i}][1] (right factor)", term[1], batch)
+                if P.shape[-2] != m or Q.shape[-1] != n or P.shape[-1] != Q.shape[-2]:
                     raise ValueError(
                         f"terms[{i}] = (P {tuple(P.shape)}, Q {tuple(Q.shape)}) does not form an "
                         f"({m}, {n}) product: P must be ({m}, k) and Q (k, {n})"
@@ -132,24 +140,24 @@ class FactoredSum:
                 raise TypeError(
                     f"terms[{i}] must be a (P, Q) pair or a dense tensor, got {type(term).__name__}"
                 )
-        return FactoredSum(tuple(pairs), tuple(dense), (m, n))
+        return FactoredSum(tuple(pairs), tuple(dense), (m, n), tuple(batch))
 
     def matmul(self, Z: Tensor) -> Tensor:
-        """``T @ Z`` for ``Z (n, c)``; returns ``(m, c)``. Costs ``Σ_i k_i c (m + n)``."""
-        out = Z.new_zeros(self.shape[0], Z.shape[1])
+        """``T @ Z`` for ``Z (…, n, c)``; returns ``(…, m, c)``. Costs ``Σ_i k_i c (m + n)``."""
+        out = Z.new_zeros(*self.batch, self.shape[0], Z.shape[-1])
         for w, P, Q in self.pairs:
             # (Q Z) is k×c: contract through the small inner size before touching m.
-            out.addmm_(P, (Q @ Z).mul_(w))
+            _add_product_(out, P, (Q @ Z).mul_(w))
         for w, D in self.dense:
             out.add_((D @ Z).mul_(w))
         return out
 
     def rmatmul(self, Y: Tensor) -> Tensor:
-        """``Yᵀ @ T`` for ``Y (m, c)``; returns ``(c, n)``. Costs ``Σ_i k_i c (m + n)``."""
-        out = Y.new_zeros(Y.shape[1], self.shape[1])
+        """``Yᵀ @ T`` for ``Y (…, m, c)``; returns ``(…, c, n)``. Costs ``Σ_i k_i c (m + n)``."""
+        out = Y.new_zeros(*self.batch, Y.shape[-1], self.shape[1])
         Yt = Y.mT
         for w, P, Q in self.pairs:
-            out.addmm_((Yt @ P).mul_(w), Q)
+            _add_product_(out, (Yt @ P).mul_(w), Q)
         for w, D in self.dense:
             out.add_((Yt @ D).mul_(w))
         return out
@@ -160,6 +168,7 @@ class FactoredSum:
             tuple((w, P.to(dtype), Q.to(dtype)) for w, P, Q in self.pairs),
             tuple((w, D.to(dtype)) for w, D in self.dense),
             self.shape,
+            self.batch,
         )
 
     def to_dense(self) -> Tensor:
@@ -167,12 +176,22 @@ class FactoredSum:
         factors = [P for _, P, _ in self.pairs] + [D for _, D in self.dense]
         if not factors:
             raise ValueError("an empty sum has no dtype or device; give at least one term")
-        out = factors[0].new_zeros(self.shape)
+        out = factors[0].new_zeros(*self.batch, *self.shape)
         for w, P, Q in self.pairs:
             out.add_((P @ Q).mul_(w))
         for w, D in self.dense:
             out.add_(D * w)
         return out
+
+
+def _add_product_(out: Tensor, left: Tensor, right: Tensor) -> None:
+    """``out += left @ right`` in one fused kernel for matrices and stacks of matrices."""
+    if out.ndim == 2:
+        out.addmm_(left, right)
+    elif out.ndim == 3:
+        out.baddbmm_(left, right)
+    else:
+        out.add_(left @ right)
 
 
 def _place(name: str, x: Tensor, dtype: torch.dtype | None, device: torch.device | None) -> Tensor:
