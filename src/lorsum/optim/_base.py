@@ -37,6 +37,9 @@ DENSE_DEFAULTS: dict[str, Any] = {
 }
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+PairWork = tuple[dict[str, Any], Tensor, Tensor, CapturedGradient | None]
+"""One LoRA pair's share of a step: its group, ``A``, ``B`` and its captured gradient."""
+
 
 class LoRAOptimizer(Optimizer):
     """Base class: validates groups, steps dense groups, clips, and guards against non-finite steps.
@@ -157,6 +160,7 @@ class LoRAOptimizer(Optimizer):
         captured = self._take_captures()
         if self.max_grad_norm is not None:
             self._clip_(captured)
+        work: list[PairWork] = []
         for group in self.param_groups:
             if group["kind"] == "dense":
                 self._step_dense_group(group)
@@ -171,8 +175,14 @@ class LoRAOptimizer(Optimizer):
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            self._step_lora_group(group, A, B, captured.get(B))
+            work.append((group, A, B, captured.get(B)))
+        self._step_lora_groups(work)
         return loss
+
+    def _step_lora_groups(self, work: list[PairWork]) -> None:
+        """Step every LoRA pair; subclasses that batch same-shape pairs override this."""
+        for group, A, B, captured in work:
+            self._step_lora_group(group, A, B, captured)
 
     def _step_lora_group(
         self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
@@ -297,6 +307,29 @@ class LoRAOptimizer(Optimizer):
             "skipped_steps", torch.zeros((), dtype=torch.int64, device=finite.device)
         )
         skipped.add_((~finite).to(skipped.dtype))
+
+    def _commit_stack_(
+        self, states: list[dict[str, Any]], updates: list[tuple[list[Tensor], Tensor, Tensor]]
+    ) -> None:
+        """:meth:`_commit_` for a stack of pairs: ``(targets, old (G, …), new (G, …))`` each.
+
+        Pair ``i`` takes its new values only if all of its own are finite; the others keep
+        theirs and count ``states[i]["skipped_steps"]``. Few kernels whatever ``G`` is, and no
+        value read back from the device.
+        """
+        finite = torch.stack([torch.isfinite(new).flatten(1).all(1) for _, _, new in updates])
+        finite = finite.all(0)  # (G,)
+        keep = finite.view(-1, 1, 1)
+        for targets, old, new in updates:
+            safe = torch.where(keep, new.to(old.dtype), old)
+            torch._foreach_copy_(targets, list(safe.unbind(0)))
+        skipped = [
+            state.setdefault(
+                "skipped_steps", torch.zeros((), dtype=torch.int64, device=finite.device)
+            )
+            for state in states
+        ]
+        torch._foreach_add_(skipped, list((~finite).to(torch.int64).unbind(0)))
 
 
 def _check_non_negative(group: dict[str, Any], key: str) -> None:

@@ -11,6 +11,7 @@ from lorsum.capture import CapturedGradient, GradientCapture
 from lorsum.functional import lorsum
 from lorsum.optim._base import (
     LoRAOptimizer,
+    PairWork,
     _check_count,
     _check_fraction,
     _check_non_negative,
@@ -56,6 +57,9 @@ class LoRSum(LoRAOptimizer):
         momentum: ``β`` in ``[0, 1)`` (default: 0, no momentum buffer).
         momentum_rank: rank ``r'`` of the momentum buffer (default: ``None``, the pair's rank).
         compute_dtype: ``"float32"``, ``"float64"`` or ``None`` (default: at least float32).
+        foreach: step pairs of equal shapes, dtypes and hyperparameters as one stack (default):
+            one batched product and one batched r×r solve per half-step for all of them. It
+            copies their captured rows into one buffer per stack; ``False`` steps pair by pair.
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
 
@@ -87,6 +91,7 @@ class LoRSum(LoRAOptimizer):
         momentum: float = 0.0,
         momentum_rank: int | None = None,
         compute_dtype: str | None = None,
+        foreach: bool = True,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
     ) -> None:
@@ -98,6 +103,7 @@ class LoRSum(LoRAOptimizer):
             "momentum": momentum,
             "momentum_rank": momentum_rank,
             "compute_dtype": compute_dtype,
+            "foreach": foreach,
         }
         super().__init__(params, defaults, capture=capture, max_grad_norm=max_grad_norm)
 
@@ -107,27 +113,46 @@ class LoRSum(LoRAOptimizer):
         _check_count(group, "num_iters", minimum=0)
         _check_fraction(group, "momentum")
         _check_count(group, "momentum_rank", minimum=1, optional=True)
+        if not isinstance(group["foreach"], bool):
+            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be True or False)")
 
-    def _step_lora_group(
-        self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
-    ) -> None:
-        if captured is None:
-            return
-        state_B = self.state[B]
-        if "step" not in state_B:
-            state_B["step"] = torch.zeros((), dtype=torch.float32)
+    def _step_lora_groups(self, work: list[PairWork]) -> None:
+        # Pairs that agree on shapes, dtypes, hyperparameters and the layout of their captured
+        # gradient are stepped as one stack: one batched product and one batched r×r solve per
+        # half-step for all of them, instead of a Python loop of small kernels per layer.
+        stacks: dict[Any, list[PairWork]] = {}
+        for item in work:
+            group, A, B, captured = item
+            if captured is None:
+                continue
+            key = _stack_key(group, A, B, captured) if group["foreach"] else id(B)
+            stacks.setdefault(key, []).append(item)
+        for members in stacks.values():
+            self._step_stack(members)
+
+    def _step_stack(self, members: list[PairWork]) -> None:
+        group = members[0][0]  # every member has the same hyperparameters (the stack's key)
+        As, Bs = [A for _, A, _, _ in members], [B for _, _, B, _ in members]
+        states = [self.state[B] for B in Bs]
+        for state in states:
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
         lr, s, beta = group["lr"], group["lora_scaling"], group["momentum"]
-        gradient = captured.terms()  # G_s = s·∂L/∂W, as pairs (Sᵀ, X) or one dense matrix
+        # G_s = s·∂L/∂W per pair, as pairs (Sᵀ, X) or one dense matrix; stacked term by term.
+        gradient = _stack_terms([captured.terms() for _, _, _, captured in members])
+        B, A = _stack(Bs), _stack(As)
         options = {"num_iters": group["num_iters"], "compute_dtype": self._compute_dtype(group)}
         # In product units: B'A' ≈ (1 − η wd) BA − (η/s²) G_s − (η β/s) M, all ∂W-consistent.
         terms: list[Any] = [(B, A), *gradient]
         weights: list[Any] = [1.0 - lr * group["weight_decay"]] + [-lr / s**2] * len(gradient)
         if beta > 0:
-            M_B, M_A = self._low_rank_momentum(group, A, B)
+            buffers = [self._low_rank_momentum(group, A_i, B_i) for _, A_i, B_i, _ in members]
+            M_Bs, M_As = [M_B for M_B, _ in buffers], [M_A for _, M_A in buffers]
+            M_B, M_A = _stack(M_Bs), _stack(M_As)
             terms.append((M_B, M_A))
             weights.append(-lr * beta / s)
         B_new, A_new = lorsum(terms, weights, (B, A), damping=group["damping"] * lr / s, **options)
-        updates = [(B, B_new), (A, A_new)]
+        updates = [(Bs, B, B_new), (As, A, A_new)]
         if beta > 0:
             # M_t ≈ β M_{t-1} + ∂L/∂W, fitted from the previous momentum factors.
             M_B_new, M_A_new = lorsum(
@@ -137,6 +162,44 @@ class LoRSum(LoRAOptimizer):
                 damping=group["damping"] * lr,
                 **options,
             )
-            updates += [(M_B, M_B_new), (M_A, M_A_new)]
-        self._commit_(state_B, updates)
-        state_B["step"] += 1
+            updates += [(M_Bs, M_B, M_B_new), (M_As, M_A, M_A_new)]
+        self._commit_stack_(states, updates)
+        for state in states:
+            state["step"] += 1
+
+
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``(G, …)`` from ``G`` same-shape tensors; a view, not a copy, when ``G = 1``."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _stack_terms(per_pair: list[list[Any]]) -> list[Any]:
+    """Term ``j`` of every pair, stacked: ``[(P_j (G, m, k), Q_j (G, k, n)) or D_j (G, m, n)]``."""
+    stacked: list[Any] = []
+    for term in zip(*per_pair, strict=True):
+        if isinstance(term[0], tuple):
+            stacked.append((_stack([P for P, _ in term]), _stack([Q for _, Q in term])))
+        else:
+            stacked.append(_stack(list(term)))
+    return stacked
+
+
+def _stack_key(group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient) -> Any:
+    """Pairs with equal keys can be stepped as one stack."""
+    layout = tuple(
+        (tuple(t[0].shape), tuple(t[1].shape), t[0].dtype, t[1].dtype)
+        if isinstance(t, tuple)
+        else (tuple(t.shape), t.dtype)
+        for t in captured.terms()
+    )
+    hyperparameters = tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "name"))
+    return (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device, layout, hyperparameters)
+
+
+def _hashable(value: Any) -> Any:
+    """A group value as part of a key: lists as tuples; tensors (scheduled rates) by identity."""
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value

@@ -1,0 +1,127 @@
+"""LoRSum's stacked step (``foreach=True``): same-shape pairs stepped at once, as if one by one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorsum
+
+W = 40
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    # Three 40→40 layers (one stack), one 40→6 layer (a stack of its own), float64. With 8
+    # rows per micro-batch the 40→40 gradients are kept as rows, with 3 micro-batches they are
+    # folded into dense matrices (N(m + n) > mn): both forms are stacked.
+    model = nn.Sequential(
+        nn.Linear(W, W), nn.Tanh(), nn.Linear(W, W), nn.Tanh(), nn.Linear(W, W),
+        nn.Tanh(), nn.Linear(W, 6),
+    ).double()  # fmt: skip
+    lorsum.add_lora(model, ["0", "2", "4", "6"], rank=3)
+    with torch.no_grad():
+        for pair in lorsum.find_lora_pairs(model):
+            pair.B.normal_(std=0.3)
+    return model
+
+
+def _train(foreach, hparams, *, steps=4, micro_batches=1, poison=None):
+    model = _model()
+    opt = lorsum.create_optimizer(model, "lorsum", foreach=foreach, **hparams)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for _ in range(micro_batches):
+            x = torch.randn(8, W, generator=g, dtype=torch.float64)
+            y = torch.randn(8, 6, generator=g, dtype=torch.float64)
+            (model(x) - y).square().mean().backward()
+        if poison is not None and step == steps - 1:
+            _poison_rows(opt, poison)
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _poison_rows(opt, index):
+    """Make the captured rows of pair ``index`` non-finite, as an overflow would."""
+    captured = opt.capture.peek(opt.capture.pairs[index].B)
+    if captured.dense is not None:
+        captured.dense[0, 0] = float("inf")
+    else:
+        S, X = captured.rows[0]
+        captured.rows[0] = (S * float("inf"), X)
+
+
+def _factors(model):
+    return [p.detach().clone() for pair in lorsum.find_lora_pairs(model) for p in (pair.A, pair.B)]
+
+
+@pytest.mark.parametrize(
+    "hparams",
+    [
+        {"lr": 0.2, "num_iters": 0},
+        {"lr": 0.2, "num_iters": 2, "damping": 1e-2},
+        {"lr": 0.2, "num_iters": 1, "momentum": 0.9, "weight_decay": 0.01},
+        {"lr": 0.2, "num_iters": 1, "momentum": 0.9, "momentum_rank": 2, "max_grad_norm": 0.5},
+    ],
+)
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_a_stacked_step_equals_the_pair_by_pair_step(hparams, micro_batches):
+    stacked, _ = _train(True, hparams, micro_batches=micro_batches)
+    alone, _ = _train(False, hparams, micro_batches=micro_batches)
+    for a, b in zip(_factors(stacked), _factors(alone), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_non_finite_pair_is_skipped_alone_in_its_stack():
+    hparams = {"lr": 0.2, "num_iters": 1, "momentum": 0.9}
+    clean, _ = _train(True, hparams, steps=3)
+    before = _factors(clean)
+    model, opt = _train(True, hparams, steps=4, poison=1)
+    after = _factors(model)
+    # Pair 1 (the second 40→40 layer) kept its factors from step 3; its stack-mates moved on.
+    torch.testing.assert_close(after[2], before[2], rtol=0, atol=0)
+    torch.testing.assert_close(after[3], before[3], rtol=0, atol=0)
+    assert not torch.equal(after[0], before[0])
+    skipped = [int(opt.state[pair.B]["skipped_steps"]) for pair in opt.capture.pairs]
+    assert skipped == [0, 1, 0, 0]
+
+
+def test_groups_with_different_hyperparameters_are_not_stacked_together():
+    def run(foreach):
+        model = _model()
+        pairs = lorsum.find_lora_pairs(model)
+        groups = lorsum.pair_param_groups(pairs)
+        groups[0]["lr"] = 0.05  # another rate inside what would otherwise be one stack
+        groups[2]["num_iters"] = 3
+        opt = lorsum.LoRSum(groups, lr=0.2, foreach=foreach, capture=lorsum.GradientCapture(pairs))
+        x = torch.randn(8, W, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        model(x).square().mean().backward()
+        opt.step()
+        return _factors(model)
+
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_foreach_must_be_a_bool():
+    model = _model()
+    with pytest.raises(ValueError, match="Invalid foreach: 'yes'"):
+        lorsum.create_optimizer(model, "lorsum", foreach="yes")
+
+
+def test_same_shape_pairs_form_one_stack(monkeypatch):
+    sizes = []
+    original = lorsum.LoRSum._step_stack
+
+    def spy(self, members):
+        sizes.append(len(members))
+        return original(self, members)
+
+    monkeypatch.setattr(lorsum.LoRSum, "_step_stack", spy)
+    _train(True, {"lr": 0.2}, steps=1)
+    assert sorted(sizes) == [1, 3]
+    sizes.clear()
+    _train(False, {"lr": 0.2}, steps=1)
+    assert sizes == [1, 1, 1, 1]
