@@ -53,10 +53,11 @@ _METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "scaled-kfac": ("scaled_lorsum", {"metric": "kfac", "betas": (0.9, 0.99)}),
     "scaled-shampoo": ("scaled_lorsum", {"metric": "shampoo", "betas": (0.9, 0.99)}),
 }
-# Each method's learning rate per variant: the best final test accuracy of seed 0 on the grid
-# 1, 0.3, 0.1, 0.03, 0.01, 0.003, 0.001, 0.0003, 0.0001 at the quick budget (stored in
-# benchmarks/results/compare-lr-sweep/). The PatchMLP variants are not swept yet: they fall back
-# to the reference's CIFAR rates (spec §6.3) or each method's default (issue #4).
+# Each method's learning rate per variant: the best final test accuracy of seed 0 at the quick
+# budget (stored in benchmarks/results/compare-lr-sweep/). LeNet-5: on the grid 1, 0.3, 0.1, ...,
+# 0.0001. PatchMLP: on five half decades around the same method's LeNet-5 rate on the same data
+# (compare --lr-from <lenet sweep>:<data>-lenet5 --lr-sweep-around=-2,-1,0,1,2). The reference's
+# CIFAR rates (spec §6.3) remain the fallback for a method without a sweep.
 _REFERENCE_RATES = {
     "full-sgd": 0.005, "svdlora": 0.005, "lora-sgd": 0.01, "lora-adamw": 1e-3, "loraplus": 1e-3,
     "precond-sgd": 0.005, "precond-adamw": 5e-4, "lora-pro": 1e-3, "lorsum-x1": 0.01,
@@ -92,6 +93,36 @@ _LEARNING_RATES: dict[str, dict[str, float]] = {
         "lorsum-x8": 0.03,
         "scaled-kfac": 0.01,
         "scaled-shampoo": 0.01,
+    },
+    "cifar10-patchmlp": {
+        "full-sgd": 0.01,
+        "svdlora": 0.01,
+        "lora-sgd": 0.03,
+        "lora-adamw": 0.001,
+        "loraplus": 0.0003,
+        "precond-sgd": 0.01,
+        "precond-adamw": 0.003,
+        "lora-pro": 0.0003,
+        "lorsum-x1": 0.01,
+        "lorsum-x2": 0.01,
+        "lorsum-x8": 0.01,
+        "scaled-kfac": 0.01,
+        "scaled-shampoo": 0.1,
+    },
+    "fashion-patchmlp": {
+        "full-sgd": 0.01,
+        "svdlora": 0.01,
+        "lora-sgd": 0.03,
+        "lora-adamw": 0.001,
+        "loraplus": 0.0003,
+        "precond-sgd": 0.003,
+        "precond-adamw": 0.003,
+        "lora-pro": 0.001,
+        "lorsum-x1": 0.01,
+        "lorsum-x2": 0.01,
+        "lorsum-x8": 0.03,
+        "scaled-kfac": 0.01,
+        "scaled-shampoo": 3.0,
     },
 }
 
