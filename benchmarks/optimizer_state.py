@@ -59,7 +59,8 @@ class _Block(nn.Module):
         return sum(layer(inputs[name]).square().mean() for name, layer in self.layers.items())
 
 
-def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor held in ``optimizer.state``."""
     return sum(
         t.numel() * t.element_size()
         for state in optimizer.state.values()
@@ -88,7 +89,7 @@ def measure(method: str, hparams: dict[str, Any], tokens: int, steps: int) -> di
     return {
         "method": method,
         "hparams": hparams,
-        "state_bytes_per_block": _state_bytes(optimizer),
+        "state_bytes_per_block": state_bytes(optimizer),
         "adapter_param_bytes_per_block": 4 * adapter_params,
         "base_weight_bytes_per_block": 4 * sum(i * o for _, i, o in BLOCK),
         "step_time_s": _results.time_stats(times[1:]),  # the first step allocates the state

@@ -1,0 +1,288 @@
+"""What one optimizer step costs, per method, as layer shape, rank, tokens and layer count grow.
+
+LoRSum's promise is the SVDLoRA step at LoRA's cost: one sweep touches the captured rows
+``X (N, n)`` and ``S (N, m)`` of a layer in about ``4·r·N·(m + n)`` flops, against ``4·N·m·n`` for
+the frozen layer's own forward and backward. This suite measures ``optimizer.step()`` alone (the
+forward and backward before it are not timed) on ``L`` independent LoRA layers of ``m × n`` with
+rank ``r``, each fed its own ``N`` random input rows, float32:
+
+* **axes**: from a base point, one of ``m = n``, ``r``, ``N`` and ``L`` varies at a time;
+* **target**: ``m = n = 4096, r = 16, N = 4096``, one layer, where LoRSum with one sweep should be
+  at least 100× faster than SVDLoRA (issue #6), LoRA-Pro beside them.
+
+For every point and method: the median wall time of the step over ``repeats`` steps after
+``warmup`` (each after a fresh backward, device-synchronised around the step), the bytes held in
+``optimizer.state``, and on a GPU the step's peak memory above what was allocated before it.
+
+Run from the repository root::
+
+    python -m benchmarks.step_cost [--device cpu|cuda] [--quick] [--force] [--out DIR]
+
+Results go to ``benchmarks/results/step_cost/<part>-<device>.json`` (atomically, skipped when the
+file holds the same config hash unless ``--force``); ``--quick`` runs tiny sizes into a temporary
+directory, for the tests. A markdown table per part is printed to stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import lorsum
+from benchmarks import _results
+from benchmarks.optimizer_state import state_bytes
+
+SUITE = "step_cost"
+DEFAULT_OUT = _results.REPO_ROOT / "benchmarks" / "results" / SUITE
+SPEEDUP_TARGET = 100.0  # LoRSum (1 sweep) against SVDLoRA at the target point
+
+# method -> (lorsum.create_optimizer name, hyperparameters). Learning rates are irrelevant to
+# the cost; they are small so that repeated steps stay finite.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("adamw", {"lr": 1e-4}),
+    "precond-sgd": ("precond_sgd", {"lr": 1e-3}),
+    "precond-adamw": ("precond_adamw", {"lr": 1e-4}),
+    "lorsum-x0": ("lorsum", {"lr": 1e-3, "num_iters": 0}),
+    "lorsum-x1": ("lorsum", {"lr": 1e-3, "num_iters": 1}),
+    "lorsum-x3": ("lorsum", {"lr": 1e-3, "num_iters": 3}),
+    "lorsum-x1-momentum": ("lorsum", {"lr": 1e-3, "num_iters": 1, "momentum": 0.9}),
+    "lorsum-x3-momentum": ("lorsum", {"lr": 1e-3, "num_iters": 3, "momentum": 0.9}),
+    "scaled-diagonal": ("scaled_lorsum", {"lr": 1e-3, "metric": "kfac"}),
+    "scaled-dense": ("scaled_lorsum", {"lr": 1e-3, "metric": "kfac", "metric_form": "dense"}),
+    "lora-pro": ("lora_pro", {"lr": 1e-4}),
+    "svdlora": ("svdlora", {"lr": 1e-3}),
+}
+# Methods that form or decompose m × n matrices: left out of the axes where m = n is large on
+# a CPU (minutes per step), kept at the target point, which exists to show exactly that.
+DENSE_METHODS = ("scaled-dense", "lora-pro", "svdlora")
+
+
+def part_configs(device: str, quick: bool) -> dict[str, dict[str, Any]]:
+    """The two parts' configurations (their hashes decide what is re-run)."""
+    if quick:
+        base = {"m": 32, "r": 4, "N": 64, "L": 2}
+        axes = {"m": [16, 32], "r": [2, 4], "N": [32, 64], "L": [1, 2]}
+        target = {"m": 64, "r": 4, "N": 64, "L": 1}
+        repeats, warmup, dense_limit = 2, 1, 64
+    else:
+        base = {"m": 1024, "r": 16, "N": 2048, "L": 4}
+        axes = {
+            "m": [256, 1024, 2048, 4096],
+            "r": [4, 16, 64],
+            "N": [512, 2048, 8192],
+            "L": [1, 4, 16],
+        }
+        target = {"m": 4096, "r": 16, "N": 4096, "L": 1}
+        repeats, warmup = (5, 2) if device == "cuda" else (3, 1)
+        dense_limit = 4096 if device == "cuda" else 1024
+    common = {"device": device, "dtype": "float32", "repeats": repeats, "warmup": warmup}
+    return {
+        "axes": {
+            **common, "part": "axes", "base": base, "axes": axes, "methods": list(METHODS),
+            "dense_methods_up_to_m": dense_limit,
+        },
+        "target": {
+            **common, "part": "target", "points": [target],
+            "methods": ["lorsum-x1", "lorsum-x1-momentum", "adamw", "lora-pro", "svdlora"],
+        },
+    }  # fmt: skip
+
+
+def points(config: dict[str, Any]) -> list[dict[str, int]]:
+    """The shapes a part measures: the target points, or the base with one axis varied."""
+    if config["part"] == "target":
+        return list(config["points"])
+    found: list[dict[str, int]] = []
+    for axis, values in config["axes"].items():
+        for value in values:
+            point = {**config["base"], axis: value}
+            if point not in found:
+                found.append(point)
+    return found
+
+
+class _Layers(nn.Module):
+    """``L`` independent ``n → m`` linears, each applied to its own input rows."""
+
+    def __init__(self, m: int, n: int, count: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(n, m, bias=False) for _ in range(count))
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [layer(x) for layer, x in zip(self.layers, inputs, strict=True)]
+
+
+def measure(method: str, point: dict[str, int], config: dict[str, Any]) -> dict[str, Any]:
+    """Time ``optimizer.step()`` of ``method`` at one shape ``point`` (``m = n``)."""
+    device = torch.device(config["device"])
+    m, r, N, L = point["m"], point["r"], point["N"], point["L"]
+    torch.manual_seed(0)
+    model = _Layers(m, m, L).to(device)
+    lorsum.add_lora(model, [f"layers.{i}" for i in range(L)], rank=r)
+    with torch.no_grad():  # a non-zero B, as after the first steps of training
+        for pair in lorsum.find_lora_pairs(model):
+            pair.B.normal_(std=0.01)
+    name, hparams = METHODS[method]
+    optimizer = lorsum.create_optimizer(model, name, dense=False, **hparams)
+    inputs = [torch.randn(N, m, device=device) for _ in range(L)]
+    directions = [torch.randn(N, m, device=device) / N for _ in range(L)]
+    times, peaks = [], []
+    for step in range(config["warmup"] + config["repeats"]):
+        optimizer.zero_grad(set_to_none=True)
+        outputs = model(inputs)
+        sum((y * d).sum() for y, d in zip(outputs, directions, strict=True)).backward()
+        del outputs
+        _synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        optimizer.step()
+        _synchronize(device)
+        elapsed = time.perf_counter() - start
+        if step >= config["warmup"]:
+            times.append(elapsed)
+            if device.type == "cuda":
+                peaks.append(torch.cuda.max_memory_allocated(device) - before)
+    if getattr(optimizer, "capture", None) is not None:
+        optimizer.capture.remove()
+    return {
+        "method": method,
+        **point,
+        "step_time_s": _results.time_stats(times),
+        "state_bytes": state_bytes(optimizer),
+        "step_peak_extra_bytes": max(peaks) if peaks else None,
+        "sweep_flops": 4 * r * N * (m + m) * L,  # one sweep over the gradient rows, all layers
+        "layer_flops": 4 * N * m * m * L,  # the frozen layers' forward and input-gradient
+    }
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_part(config: dict[str, Any]) -> dict[str, Any]:
+    start = time.perf_counter()
+    results = []
+    for point in points(config):
+        for method in config["methods"]:
+            limit = config.get("dense_methods_up_to_m")
+            if limit is not None and method in DENSE_METHODS and point["m"] > limit:
+                continue
+            _log(f"{config['part']}: {method} at {point}")
+            results.append(measure(method, point, config))
+    return _results.make_record(
+        suite=SUITE,
+        part=config["part"],
+        config=config,
+        device=_device_name(config["device"]),
+        dtype=config["dtype"],
+        seeds=(0,),
+        wall_time_s=time.perf_counter() - start,
+        results=results,
+        summary=_summary(config, results),
+        notes={
+            "step_time_s": "optimizer.step() alone, synchronised, after a fresh backward each",
+            "state_bytes": "bytes of every tensor in optimizer.state after the steps",
+            "step_peak_extra_bytes": "CUDA only: peak allocation during step() above before it",
+            "sweep_flops": "4·r·N·(m+n)·L, one LoRSum sweep's products with the captured rows",
+            "layer_flops": "4·N·m·n·L, the frozen layers' forward and input-gradient products",
+        },
+    )
+
+
+def _summary(config: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+    if config["part"] != "target":
+        return {}
+    by_method = {r["method"]: r["step_time_s"]["median_s"] for r in results}
+    speedup = by_method["svdlora"] / by_method["lorsum-x1"]
+    return {
+        "median_step_s": by_method,
+        "svdlora_over_lorsum_x1": speedup,
+        "target": SPEEDUP_TARGET,
+        "met": speedup >= SPEEDUP_TARGET,
+    }
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return _results.cpu_model() or "cpu"
+
+
+def table(record: dict[str, Any]) -> str:
+    """Median step time (ms) per method and point, and the state size."""
+    rows = [
+        [
+            r["method"], f"{r['m']}", f"{r['r']}", f"{r['N']}", f"{r['L']}",
+            f"{1e3 * r['step_time_s']['median_s']:.2f}", f"{r['state_bytes'] / 2**20:.2f}",
+            _mib(r["step_peak_extra_bytes"]),
+        ]
+        for r in record["results"]
+    ]  # fmt: skip
+    headers = ["method", "m = n", "r", "N", "L", "step (ms)", "state (MiB)", "step peak (MiB)"]
+    return f"### {record['part']} ({record['device']})\n\n" + _results.markdown_table(headers, rows)
+
+
+def _mib(size: int | None) -> str:
+    return "" if size is None else f"{size / 2**20:.1f}"
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.step_cost", description=__doc__)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
+    parser.add_argument("--parts", default="axes,target", help="comma-separated: axes, target")
+    parser.add_argument("--force", action="store_true", help="re-run parts stored already")
+    parser.add_argument("--out", type=Path, default=None, help="output directory")
+    args = parser.parse_args(argv)
+    if args.quick and args.out is not None and args.out.resolve() == DEFAULT_OUT:
+        parser.error("--quick results must not overwrite the committed results; pick another --out")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    args.parts = [p for p in args.parts.split(",") if p]
+    if unknown := sorted(set(args.parts) - {"axes", "target"}):
+        parser.error(f"unknown part(s): {', '.join(unknown)} (choose from axes, target)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.out or (
+        Path(tempfile.mkdtemp(prefix=f"lorsum-{SUITE}-")) if args.quick else DEFAULT_OUT
+    )
+    configs = part_configs(args.device, args.quick)
+    for part in args.parts:
+        path = out / f"{part}-{args.device}.json"
+        record = None if args.force else _results.load_current(path, configs[part])
+        if record is None:
+            record = run_part(configs[part])
+            _results.write_json_atomic(path, record)
+            _log(f"{part}: wrote {path} ({record['wall_time_s']:.1f} s)")
+        else:
+            _log(f"{part}: {path} has the same config hash, skipped (--force re-runs it)")
+        print(table(record), end="\n\n")
+        if record["summary"]:
+            summary = record["summary"]
+            print(
+                f"SVDLoRA / LoRSum(1 sweep) step time: {summary['svdlora_over_lorsum_x1']:.1f}x "
+                f"(target {summary['target']:g}x: {'met' if summary['met'] else 'missed'})\n"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The step_cost benchmark: its grid, its skip rule for dense methods, and a quick run's records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from benchmarks import step_cost
+
+
+def test_the_axes_vary_one_coordinate_of_the_base_at_a_time():
+    config = step_cost.part_configs("cpu", quick=True)["axes"]
+    found = step_cost.points(config)
+    base = config["base"]
+    assert base in found
+    for point in found:
+        assert sum(point[k] != base[k] for k in base) <= 1
+    assert len(found) == len({tuple(sorted(p.items())) for p in found})  # no point twice
+
+
+def test_the_full_cpu_grid_leaves_dense_methods_out_above_its_limit():
+    config = step_cost.part_configs("cpu", quick=False)["axes"]
+    assert config["dense_methods_up_to_m"] == 1024
+    assert max(config["axes"]["m"]) == 4096
+    target = step_cost.part_configs("cpu", quick=False)["target"]
+    assert target["points"] == [{"m": 4096, "r": 16, "N": 4096, "L": 1}]
+    assert {"lorsum-x1", "svdlora", "lora-pro"} <= set(target["methods"])
+
+
+def test_a_quick_run_records_times_state_and_the_target_ratio(tmp_path, capsys):
+    assert step_cost.main(["--quick", "--out", str(tmp_path)]) == 0
+    axes = json.loads((tmp_path / "axes-cpu.json").read_text())
+    config = axes["config"]
+    assert len(axes["results"]) == len(step_cost.points(config)) * len(config["methods"])
+    by = {(r["method"], r["m"], r["r"], r["N"], r["L"]): r for r in axes["results"]}
+    base = config["base"]
+    key = (base["m"], base["r"], base["N"], base["L"])
+    for record in axes["results"]:
+        assert record["step_time_s"]["repeats"] == config["repeats"]
+        assert record["step_time_s"]["median_s"] > 0
+    # LoRA-Pro keeps two full m × n moments per layer; LoRSum without momentum keeps counters.
+    m, layers = base["m"], base["L"]
+    assert by[("lora-pro", *key)]["state_bytes"] >= 2 * 4 * m * m * layers
+    assert by[("lorsum-x1", *key)]["state_bytes"] < 4 * m * m
+    target = json.loads((tmp_path / "target-cpu.json").read_text())
+    ratio = target["summary"]["svdlora_over_lorsum_x1"]
+    medians = target["summary"]["median_step_s"]
+    assert ratio == pytest.approx(medians["svdlora"] / medians["lorsum-x1"])
+    out = capsys.readouterr().out
+    assert "| lorsum-x1 |" in out
+    assert "SVDLoRA / LoRSum(1 sweep)" in out
+    # A second run finds both parts stored and trains nothing.
+    assert step_cost.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert "skipped" in capsys.readouterr().err
+
+
+def test_quick_results_never_overwrite_the_committed_ones():
+    with pytest.raises(SystemExit):
+        step_cost.main(["--quick", "--out", str(step_cost.DEFAULT_OUT)])
+
+
+def test_unknown_parts_are_named(capsys):
+    with pytest.raises(SystemExit):
+        step_cost.main(["--quick", "--parts", "axes,speed"])
+    assert "unknown part(s): speed" in capsys.readouterr().err
