@@ -125,3 +125,19 @@ def test_same_shape_pairs_form_one_stack(monkeypatch):
     sizes.clear()
     _train(False, {"lr": 0.2}, steps=1)
     assert sizes == [1, 1, 1, 1]
+
+
+def test_pairs_with_large_captured_gradients_are_stepped_alone(monkeypatch):
+    from lorsum.optim import lorsum as lorsum_module
+
+    sizes = []
+    original = lorsum.LoRSum._step_stack
+
+    def spy(self, members):
+        sizes.append(len(members))
+        return original(self, members)
+
+    monkeypatch.setattr(lorsum.LoRSum, "_step_stack", spy)
+    monkeypatch.setattr(lorsum_module, "STACK_LIMIT", 8 * W)  # below one 40×40 pair's rows
+    _train(True, {"lr": 0.2}, steps=1)
+    assert sizes == [1, 1, 1, 1]

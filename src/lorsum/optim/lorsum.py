@@ -19,6 +19,11 @@ from lorsum.optim._base import (
 
 __all__ = ["LoRSum"]
 
+# A pair whose captured gradient holds more numbers than this is stepped alone even with
+# foreach=True: its products already keep the device busy, and stacking would copy the rows
+# (time, and memory as large as the rows themselves). 2**22 floats: 16 MiB in float32.
+STACK_LIMIT = 2**22
+
 
 class LoRSum(LoRAOptimizer):
     r"""LoRSum: each step fits the adapter to the step full fine-tuning would take.
@@ -59,7 +64,9 @@ class LoRSum(LoRAOptimizer):
         compute_dtype: ``"float32"``, ``"float64"`` or ``None`` (default: at least float32).
         foreach: step pairs of equal shapes, dtypes and hyperparameters as one stack (default):
             one batched product and one batched r×r solve per half-step for all of them. It
-            copies their captured rows into one buffer per stack; ``False`` steps pair by pair.
+            copies their captured gradients into one buffer per stack, so pairs whose captured
+            gradient holds more than ``STACK_LIMIT`` (2²²) numbers are stepped alone; ``False``
+            steps every pair alone.
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
 
@@ -125,7 +132,8 @@ class LoRSum(LoRAOptimizer):
             group, A, B, captured = item
             if captured is None:
                 continue
-            key = _stack_key(group, A, B, captured) if group["foreach"] else id(B)
+            stackable = group["foreach"] and _captured_numel(captured) <= STACK_LIMIT
+            key = _stack_key(group, A, B, captured) if stackable else id(B)
             stacks.setdefault(key, []).append(item)
         for members in stacks.values():
             self._step_stack(members)
@@ -168,9 +176,25 @@ class LoRSum(LoRAOptimizer):
             state["step"] += 1
 
 
+def _captured_numel(captured: CapturedGradient) -> int:
+    return sum(
+        t.numel()
+        for term in captured.terms()
+        for t in (term if isinstance(term, tuple) else (term,))
+    )
+
+
 def _stack(tensors: list[Tensor]) -> Tensor:
-    """``(G, …)`` from ``G`` same-shape tensors; a view, not a copy, when ``G = 1``."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+    """``(G, …)`` from ``G`` same-shape tensors; a view, not a copy, when ``G = 1``.
+
+    Transposed views (the captured ``Sᵀ``) are stacked untransposed and transposed back: a
+    strided transposing copy of ``N × m`` rows costs several times a contiguous one.
+    """
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    if all(t.ndim == 2 and not t.is_contiguous() and t.mT.is_contiguous() for t in tensors):
+        return torch.stack([t.mT for t in tensors]).mT
+    return torch.stack(tensors)
 
 
 def _stack_terms(per_pair: list[list[Any]]) -> list[Any]:
