@@ -69,21 +69,21 @@ def fake_glue(tmp_path):
     return tmp_path
 
 
+def tiny_bert(head, *, num_labels=2):
+    """A stand-in for ``pretrained.load_minilm``: a 2-layer, 32-wide BERT and a word tokenizer."""
+    assert head == "sequence-classification"
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        vocab_size=len(vocab), num_labels=num_labels,
+    )  # fmt: skip
+    model = transformers.BertForSequenceClassification(config)
+    return model, transformers.BertTokenizerFast(vocab=vocab)
+
+
 @pytest.fixture
 def tiny_minilm(monkeypatch):
-    """``pretrained.load_minilm`` replaced by a 2-layer, 32-wide BERT and a word tokenizer."""
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS])}
-
-    def load(head, *, num_labels=2):
-        assert head == "sequence-classification"
-        config = transformers.BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-            vocab_size=len(vocab), num_labels=num_labels,
-        )  # fmt: skip
-        model = transformers.BertForSequenceClassification(config)
-        return model, transformers.BertTokenizerFast(vocab=vocab)
-
-    monkeypatch.setattr(pretrained, "load_minilm", load)
+    monkeypatch.setattr(pretrained, "load_minilm", tiny_bert)
 
 
 def test_every_task_is_read_without_quote_handling(fake_glue):

@@ -28,7 +28,7 @@ def test_the_full_cpu_grid_leaves_dense_methods_out_above_its_limit():
 
 
 def test_a_quick_run_records_times_state_and_the_target_ratio(tmp_path, capsys):
-    assert step_cost.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert step_cost.main(["--quick", "--parts", "axes,target", "--out", str(tmp_path)]) == 0
     axes = json.loads((tmp_path / "axes-cpu.json").read_text())
     config = axes["config"]
     assert len(axes["results"]) == len(step_cost.points(config)) * len(config["methods"])
@@ -50,7 +50,7 @@ def test_a_quick_run_records_times_state_and_the_target_ratio(tmp_path, capsys):
     assert "| lorsum-x1 |" in out
     assert "SVDLoRA / LoRSum(1 sweep)" in out
     # A second run finds both parts stored and trains nothing.
-    assert step_cost.main(["--quick", "--out", str(tmp_path)]) == 0
+    assert step_cost.main(["--quick", "--parts", "axes,target", "--out", str(tmp_path)]) == 0
     assert "skipped" in capsys.readouterr().err
 
 
@@ -63,3 +63,19 @@ def test_unknown_parts_are_named(capsys):
     with pytest.raises(SystemExit):
         step_cost.main(["--quick", "--parts", "axes,speed"])
     assert "unknown part(s): speed" in capsys.readouterr().err
+
+
+def test_a_quick_end_to_end_run_times_whole_training_steps(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("peft")
+    from tests.test_benchmarks_glue import tiny_bert
+
+    monkeypatch.setattr("benchmarks.pretrained.load_minilm", tiny_bert)
+    assert step_cost.main(["--quick", "--parts", "e2e-minilm", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "e2e-minilm-cpu.json").read_text())
+    medians = record["summary"]["median_step_s"]
+    assert set(medians) == {"lora-adamw", "lorsum-x1-nomom"}
+    ratio = medians["lorsum-x1-nomom"] / medians["lora-adamw"]
+    assert record["summary"]["lorsum_x1_over_lora_adamw"] == pytest.approx(ratio)
+    by = {r["method"]: r for r in record["results"]}
+    assert by["lora-adamw"]["state_bytes"] > 0  # AdamW's moments of the adapters and the head
+    assert "LoRSum(1 sweep) / LoRA-AdamW training step" in capsys.readouterr().out
