@@ -12,7 +12,9 @@ rank ``r``, each fed its own ``N`` random input rows, float32:
 * **e2e-minilm**: whole training steps (forward, backward, every optimizer's step) of the GLUE
   task's model, all-MiniLM-L6-v2 with PEFT LoRA r = 8 on query and value and a new head, on a batch
   of 32 × 128 random tokens, per method of ``lorsum compare --task glue``; the issue's target is
-  LoRSum (1 sweep) ≤ 1.25× LoRA-AdamW on the CPU, ≤ 1.10× on a GPU.
+  LoRSum (1 sweep) ≤ 1.25× LoRA-AdamW on the CPU, ≤ 1.10× on a GPU;
+* **e2e-smollm2**: the same for SmolLM2-135M with rank-16 LoRA on all seven linears of its 30
+  blocks (210 adapters), 8 × 512 random tokens, bf16 autocast, the LM task's rates: for a GPU.
 
 For every point and method: the median wall time of the step over ``repeats`` steps after
 ``warmup`` (each after a fresh backward, device-synchronised around the step), the bytes held in
@@ -20,7 +22,7 @@ For every point and method: the median wall time of the step over ``repeats`` st
 
 Run from the repository root::
 
-    python -m benchmarks.step_cost [--device cpu|cuda] [--parts axes,target,e2e-minilm]
+    python -m benchmarks.step_cost [--device cpu|cuda] [--parts axes,target,e2e-minilm,...]
                                    [--quick] [--force] [--out DIR]
 
 Results go to ``benchmarks/results/step_cost/<part>-<device>.json`` (atomically, skipped when the
@@ -49,7 +51,7 @@ SUITE = "step_cost"
 DEFAULT_OUT = _results.REPO_ROOT / "benchmarks" / "results" / SUITE
 SPEEDUP_TARGET = 100.0  # LoRSum (1 sweep) against SVDLoRA at the target point
 E2E_TARGET = {"cpu": 1.25, "cuda": 1.10}  # LoRSum (1 sweep) / AdamW-LoRA, whole training step
-PARTS = ("axes", "target", "e2e-minilm")
+PARTS = ("axes", "target", "e2e-minilm", "e2e-smollm2")
 
 # method -> (lorsum.create_optimizer name, hyperparameters). Learning rates are irrelevant to
 # the cost; they are small so that repeated steps stay finite.
@@ -107,6 +109,12 @@ def part_configs(device: str, quick: bool) -> dict[str, dict[str, Any]]:
         "e2e-minilm": {
             **common, "part": "e2e-minilm", "batch": 4 if quick else 32,
             "seq_len": 16 if quick else 128,
+            "methods": ["lora-adamw", "lorsum-x1-nomom"] if quick else e2e_methods,
+            "repeats": 2 if quick else 5,
+        },
+        "e2e-smollm2": {
+            **common, "part": "e2e-smollm2", "batch": 2 if quick else 8,
+            "seq_len": 16 if quick else 512, "rank": 4 if quick else 16, "autocast": "bfloat16",
             "methods": ["lora-adamw", "lorsum-x1-nomom"] if quick else e2e_methods,
             "repeats": 2 if quick else 5,
         },
@@ -187,28 +195,11 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_e2e_minilm(method: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Time whole training steps of the GLUE task's model trained by ``method``."""
-    # Imported here: the other parts need neither transformers nor the model package.
-    from benchmarks.pretrained import load_minilm
-    from benchmarks.tasks import _finetune, glue
-
+def measure_e2e(method: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Time whole training steps (zero_grad, forward, backward, step) of one model and method."""
     device = torch.device(config["device"])
     torch.manual_seed(0)
-    model, _ = load_minilm("sequence-classification", num_labels=2)
-    model = _finetune.prepare(
-        model, method, glue.TARGETS, glue.RANK, modules_to_save=["classifier"]
-    )
-    model.to(device).train()
-    optimizers = _finetune.Optimizers(model, method, glue.default_learning_rate("sst2", method))
-    shape = (config["batch"], config["seq_len"])
-    generator = torch.Generator().manual_seed(0)
-    vocabulary = model.config.vocab_size
-    inputs = {
-        "input_ids": torch.randint(1, vocabulary, shape, generator=generator).to(device),
-        "attention_mask": torch.ones(shape, dtype=torch.int64, device=device),
-    }
-    labels = torch.randint(0, 2, (config["batch"],), generator=generator).to(device)
+    optimizers, loss_fn = _E2E_MODELS[config["part"]](method, config, device)
     times, peaks = [], []
     for step in range(config["warmup"] + config["repeats"]):
         _synchronize(device)
@@ -216,8 +207,7 @@ def measure_e2e_minilm(method: str, config: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         optimizers.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(**inputs).logits.float(), labels)
-        loss.backward()
+        loss_fn().backward()
         optimizers.step()
         _synchronize(device)
         if step >= config["warmup"]:
@@ -233,13 +223,68 @@ def measure_e2e_minilm(method: str, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Imported inside the builders: the other parts need neither transformers nor the models.
+
+
+def _minilm_for_glue(method: str, config: dict[str, Any], device: torch.device) -> tuple:
+    """The GLUE task's model (MiniLM, LoRA on query/value, a new head) and a random batch."""
+    from benchmarks.pretrained import load_minilm
+    from benchmarks.tasks import _finetune, glue
+
+    model, _ = load_minilm("sequence-classification", num_labels=2)
+    model = _finetune.prepare(
+        model, method, glue.TARGETS, glue.RANK, modules_to_save=["classifier"]
+    )
+    model.to(device).train()
+    optimizers = _finetune.Optimizers(model, method, glue.default_learning_rate("sst2", method))
+    ids, generator = _random_tokens(model, config, device)
+    labels = torch.randint(0, 2, (config["batch"],), generator=generator).to(device)
+
+    def loss() -> torch.Tensor:
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+    return optimizers, loss
+
+
+def _smollm2_all_linears(method: str, config: dict[str, Any], device: torch.device) -> tuple:
+    """SmolLM2-135M with rank-16 LoRA on all seven linears of every block, bf16 autocast."""
+    from benchmarks.pretrained import load_smollm2
+    from benchmarks.tasks import _finetune, lm
+
+    model, _ = load_smollm2()
+    model = _finetune.prepare(model, method, SMOLLM2_TARGETS, config["rank"])
+    model.to(device).train()
+    optimizers = _finetune.Optimizers(
+        model, method, lm.default_learning_rate(lm.VARIANTS[0], method)
+    )
+    ids, _ = _random_tokens(model, config, device)
+
+    def loss() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return model(input_ids=ids, labels=ids).loss
+
+    return optimizers, loss
+
+
+def _random_tokens(model: nn.Module, config: dict[str, Any], device: torch.device) -> tuple:
+    generator = torch.Generator().manual_seed(0)
+    shape = (config["batch"], config["seq_len"])
+    ids = torch.randint(1, model.config.vocab_size, shape, generator=generator)
+    return ids.to(device), generator
+
+
+SMOLLM2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_E2E_MODELS = {"e2e-minilm": _minilm_for_glue, "e2e-smollm2": _smollm2_all_linears}
+
+
 def run_part(config: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
-    if config["part"] == "e2e-minilm":
+    if config["part"] in _E2E_MODELS:
         results = []
         for method in config["methods"]:
-            _log(f"e2e-minilm: {method}")
-            results.append(measure_e2e_minilm(method, config))
+            _log(f"{config['part']}: {method}")
+            results.append(measure_e2e(method, config))
         return _record(config, results, time.perf_counter() - start)
     results = []
     for point in points(config):
@@ -275,7 +320,7 @@ def _record(config: dict[str, Any], results: list[dict[str, Any]], wall_time_s: 
 
 
 def _summary(config: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
-    if config["part"] == "e2e-minilm":
+    if config["part"] in _E2E_MODELS:
         by_method = {r["method"]: r["step_time_s"]["median_s"] for r in results}
         ratio = by_method["lorsum-x1-nomom"] / by_method["lora-adamw"]
         target = E2E_TARGET[config["device"]]
@@ -306,7 +351,7 @@ def _device_name(device: str) -> str:
 def table(record: dict[str, Any]) -> str:
     """Median step time (ms) per method and point, and the state size."""
     title = f"### {record['part']} ({record['device']})\n\n"
-    if record["part"] == "e2e-minilm":
+    if record["part"] in _E2E_MODELS:
         base = record["summary"]["median_step_s"]["lora-adamw"]
         rows = [
             [

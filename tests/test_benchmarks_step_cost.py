@@ -79,3 +79,30 @@ def test_a_quick_end_to_end_run_times_whole_training_steps(tmp_path, capsys, mon
     by = {r["method"]: r for r in record["results"]}
     assert by["lora-adamw"]["state_bytes"] > 0  # AdamW's moments of the adapters and the head
     assert "LoRSum(1 sweep) / LoRA-AdamW training step" in capsys.readouterr().out
+
+
+def test_a_quick_smollm2_run_adapts_all_seven_linears_under_bf16_autocast(
+    tmp_path, capsys, monkeypatch
+):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=50, tie_word_embeddings=True,
+    )  # fmt: skip
+    built = []
+
+    def load():
+        built.append(transformers.LlamaForCausalLM(config))
+        return built[-1], None
+
+    monkeypatch.setattr("benchmarks.pretrained.load_smollm2", load)
+    assert step_cost.main(["--quick", "--parts", "e2e-smollm2", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "e2e-smollm2-cpu.json").read_text())
+    assert record["config"]["autocast"] == "bfloat16"
+    assert set(record["summary"]["median_step_s"]) == {"lora-adamw", "lorsum-x1-nomom"}
+    adapted = {
+        name.split(".")[-2] for name, _ in built[0].named_modules() if name.endswith("lora_A")
+    }
+    assert adapted == set(step_cost.SMOLLM2_TARGETS)
+    assert "### e2e-smollm2" in capsys.readouterr().out
