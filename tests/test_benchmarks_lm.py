@@ -55,15 +55,21 @@ def _tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
 
 
-@pytest.fixture(scope="module")
-def tiny_llama() -> nn.Module:
+def build_tiny_llama(vocab_size: int = len(WORDS)) -> nn.Module:
+    """SmolLM2 in miniature: 2 blocks of width 32, one key-value head (k/v are 16 × 32), so its
+    linears come in SmolLM2's three shapes; the same weights on every call."""
     config = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=len(WORDS), tie_word_embeddings=True,
+        num_key_value_heads=1, vocab_size=vocab_size, tie_word_embeddings=True,
     )  # fmt: skip
     with torch.random.fork_rng():  # the initialisation draws from the global generator
         torch.manual_seed(0)
         return transformers.LlamaForCausalLM(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama() -> nn.Module:
+    return build_tiny_llama()
 
 
 @pytest.fixture

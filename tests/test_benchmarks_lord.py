@@ -21,7 +21,7 @@ from benchmarks.tasks import lm
 from torch import nn
 
 from lorsum.compression import LowRankLinear, collect_output_statistics, compress_model
-from tests.test_benchmarks_lm import WORDS, _fake_wikitext, _tiny_tokenizer
+from tests.test_benchmarks_lm import WORDS, _fake_wikitext, _tiny_tokenizer, build_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,14 +37,7 @@ ARGS = [
 
 
 def _tiny_llama() -> nn.Module:
-    # k/v are 16x32 (one key-value head of width 16): three shapes, as in SmolLM2.
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=len(WORDS), tie_word_embeddings=True,
-    )  # fmt: skip
-    with torch.random.fork_rng():  # the initialisation draws from the global generator
-        torch.manual_seed(0)
-        return transformers.LlamaForCausalLM(config).eval()
+    return build_tiny_llama().eval()
 
 
 @pytest.fixture(scope="module")

@@ -84,16 +84,13 @@ def test_a_quick_end_to_end_run_times_whole_training_steps(tmp_path, capsys, mon
 def test_a_quick_smollm2_run_adapts_all_seven_linears_under_bf16_autocast(
     tmp_path, capsys, monkeypatch
 ):
-    transformers = pytest.importorskip("transformers")
     pytest.importorskip("peft")
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=50, tie_word_embeddings=True,
-    )  # fmt: skip
+    from tests.test_benchmarks_lm import build_tiny_llama
+
     built = []
 
     def load():
-        built.append(transformers.LlamaForCausalLM(config))
+        built.append(build_tiny_llama())
         return built[-1], None
 
     monkeypatch.setattr("benchmarks.pretrained.load_smollm2", load)

@@ -74,21 +74,31 @@ def _model_and_optimizer(method, hparams, device):
     return model, lorsum.create_optimizer(model, method, **hparams)
 
 
-def _train_step(model, optimizer, device):
-    x, y = torch.randn(8, 12, device=device), torch.randint(0, 3, (8,), device=device)
-    nn.functional.cross_entropy(model(x), y).backward()
+def _steps_after_a_warm_up(name, device, guard):
+    """Three steps of ``SYNC_FREE[name]``; the last two run inside ``guard(optimizer)``."""
+    method, hparams = SYNC_FREE[name]
+    model, optimizer = _model_and_optimizer(method, hparams, device)
+    for step in range(3):
+        x, y = torch.randn(8, 12, device=device), torch.randint(0, 3, (8,), device=device)
+        nn.functional.cross_entropy(model(x), y).backward()
+        with guard(optimizer) if step else contextlib.nullcontext():
+            optimizer.step()
+        optimizer.zero_grad()
+
+
+@contextlib.contextmanager
+def cuda_sync_is_an_error(_optimizer):
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("name", sorted(SYNC_FREE))
 def test_a_step_reads_nothing_back(name):
-    method, hparams = SYNC_FREE[name]
-    model, optimizer = _model_and_optimizer(method, hparams, "cpu")
-    for step in range(3):
-        _train_step(model, optimizer, "cpu")
-        context = no_host_reads(_step_counters(optimizer)) if step else contextlib.nullcontext()
-        with context:
-            optimizer.step()
-        optimizer.zero_grad()
+    _steps_after_a_warm_up(name, "cpu", lambda opt: no_host_reads(_step_counters(opt)))
 
 
 def test_the_guard_itself_catches_a_read():
@@ -100,14 +110,4 @@ def test_the_guard_itself_catches_a_read():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", sorted(SYNC_FREE))
 def test_a_cuda_step_does_not_synchronise(name):
-    method, hparams = SYNC_FREE[name]
-    model, optimizer = _model_and_optimizer(method, hparams, "cuda")
-    for step in range(3):
-        _train_step(model, optimizer, "cuda")
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error" if step > 0 else "default")
-        try:
-            optimizer.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        optimizer.zero_grad()
+    _steps_after_a_warm_up(name, "cuda", cuda_sync_is_an_error)

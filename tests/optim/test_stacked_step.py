@@ -111,7 +111,9 @@ def test_foreach_must_be_a_bool():
         lorsum.create_optimizer(model, "lorsum", foreach="yes")
 
 
-def test_same_shape_pairs_form_one_stack(monkeypatch):
+@pytest.fixture
+def stack_sizes(monkeypatch):
+    """The size of every stack LoRSum steps, in order."""
     sizes = []
     original = lorsum.LoRSum._step_stack
 
@@ -120,24 +122,20 @@ def test_same_shape_pairs_form_one_stack(monkeypatch):
         return original(self, members)
 
     monkeypatch.setattr(lorsum.LoRSum, "_step_stack", spy)
+    return sizes
+
+
+def test_same_shape_pairs_form_one_stack(stack_sizes):
     _train(True, {"lr": 0.2}, steps=1)
-    assert sorted(sizes) == [1, 3]
-    sizes.clear()
+    assert sorted(stack_sizes) == [1, 3]
+    stack_sizes.clear()
     _train(False, {"lr": 0.2}, steps=1)
-    assert sizes == [1, 1, 1, 1]
+    assert stack_sizes == [1, 1, 1, 1]
 
 
-def test_pairs_with_large_captured_gradients_are_stepped_alone(monkeypatch):
+def test_pairs_with_large_captured_gradients_are_stepped_alone(stack_sizes, monkeypatch):
     from lorsum.optim import lorsum as lorsum_module
 
-    sizes = []
-    original = lorsum.LoRSum._step_stack
-
-    def spy(self, members):
-        sizes.append(len(members))
-        return original(self, members)
-
-    monkeypatch.setattr(lorsum.LoRSum, "_step_stack", spy)
     monkeypatch.setattr(lorsum_module, "STACK_LIMIT", 8 * W)  # below one 40×40 pair's rows
     _train(True, {"lr": 0.2}, steps=1)
-    assert sizes == [1, 1, 1, 1]
+    assert stack_sizes == [1, 1, 1, 1]

@@ -81,17 +81,7 @@ def miss_config(
             outside ``[0, 1)`` or with ``"bat"``, or ``init_weights`` in ``config_kwargs``.
     """
     peft = _import_peft()
-    if variant not in _PEFT_INIT_WEIGHTS:
-        raise ValueError(
-            f"Invalid variant: {variant!r} (must be one of {list(_PEFT_INIT_WEIGHTS)})"
-        )
-    _check_positive_int("r", r)
-    if variant == "mini":
-        if mini_r is None:
-            raise ValueError("variant='mini' needs mini_r (the tiled output width, mini_r | m)")
-        _check_positive_int("mini_r", mini_r)
-    elif mini_r is not None:
-        raise ValueError(f"mini_r={mini_r} is only used by variant='mini', not {variant!r}")
+    _check_variant_and_ranks(variant, r, mini_r)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"Invalid dropout: {dropout} (must satisfy 0 <= dropout < 1)")
     if variant == "bat" and dropout > 0:
@@ -142,17 +132,7 @@ def miss_parameter_count(
         ValueError: a bad variant, ``r`` or ``mini_r``, a shape that is not two positive ints, or
             a shape the variant cannot adapt (the message names it).
     """
-    if variant not in _PEFT_INIT_WEIGHTS:
-        raise ValueError(
-            f"Invalid variant: {variant!r} (must be one of {list(_PEFT_INIT_WEIGHTS)})"
-        )
-    _check_positive_int("r", r)
-    if variant == "mini":
-        if mini_r is None:
-            raise ValueError("variant='mini' needs mini_r (the tiled output width, mini_r | m)")
-        _check_positive_int("mini_r", mini_r)
-    elif mini_r is not None:
-        raise ValueError(f"mini_r={mini_r} is only used by variant='mini', not {variant!r}")
+    _check_variant_and_ranks(variant, r, mini_r)
     total = 0
     for shape in shapes:
         m, n = _check_shape(shape)
@@ -532,6 +512,21 @@ def _import_peft() -> Any:
             "lorsum's MiSS helpers need peft: install it with pip install lorsum[peft]"
         ) from error
     return peft
+
+
+def _check_variant_and_ranks(variant: str, r: Any, mini_r: Any) -> None:
+    """A known PEFT variant, ``r >= 1``, and ``mini_r`` given exactly when the variant tiles."""
+    if variant not in _PEFT_INIT_WEIGHTS:
+        raise ValueError(
+            f"Invalid variant: {variant!r} (must be one of {list(_PEFT_INIT_WEIGHTS)})"
+        )
+    _check_positive_int("r", r)
+    if variant == "mini":
+        if mini_r is None:
+            raise ValueError("variant='mini' needs mini_r (the tiled output width, mini_r | m)")
+        _check_positive_int("mini_r", mini_r)
+    elif mini_r is not None:
+        raise ValueError(f"mini_r={mini_r} is only used by variant='mini', not {variant!r}")
 
 
 def _check_positive_int(label: str, value: Any) -> None:

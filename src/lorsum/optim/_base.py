@@ -300,13 +300,10 @@ class LoRAOptimizer(Optimizer):
         No value is read back from the device: a non-finite step leaves the targets untouched
         and increments ``group_state["skipped_steps"]`` (a tensor), so it can be audited.
         """
-        finite = torch.stack([torch.isfinite(new).all() for _, new in updates]).all()
-        for target, new in updates:
-            target.copy_(torch.where(finite, new.to(target.dtype), target))
-        skipped = group_state.setdefault(
-            "skipped_steps", torch.zeros((), dtype=torch.int64, device=finite.device)
+        self._commit_stack_(
+            [group_state],
+            [([target], target.unsqueeze(0), new.unsqueeze(0)) for target, new in updates],
         )
-        skipped.add_((~finite).to(skipped.dtype))
 
     def _commit_stack_(
         self, states: list[dict[str, Any]], updates: list[tuple[list[Tensor], Tensor, Tensor]]
@@ -317,10 +314,12 @@ class LoRAOptimizer(Optimizer):
         theirs and count ``states[i]["skipped_steps"]``. Few kernels whatever ``G`` is, and no
         value read back from the device.
         """
-        finite = torch.stack([torch.isfinite(new).flatten(1).all(1) for _, _, new in updates])
+        finite = torch.stack(
+            [torch.isfinite(new).reshape(len(new), -1).all(1) for _, _, new in updates]
+        )
         finite = finite.all(0)  # (G,)
-        keep = finite.view(-1, 1, 1)
         for targets, old, new in updates:
+            keep = finite.view(-1, *[1] * (new.ndim - 1))
             safe = torch.where(keep, new.to(old.dtype), old)
             torch._foreach_copy_(targets, list(safe.unbind(0)))
         skipped = [
