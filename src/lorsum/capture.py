@@ -24,11 +24,16 @@ Design (why it is built this way):
   called several times records every call (``B.grad`` is only written once they are all in).
 * **Memory is bounded by** ``min(N (m + n), m n)`` elements per layer: rows are kept while they
   are the smaller form; past that they are folded into a dense float32 accumulator.
+* **A layer's gradient is complete when its down factor's gradient is.** Backward reaches the
+  up map before the down map, and autograd sums every call of a layer before it accumulates
+  ``A.grad``, so :meth:`GradientCapture.on_complete` hooks ``A``'s gradient accumulation: at
+  that moment the layer's rows are all in and autograd no longer needs ``A`` or ``B``. This is
+  what lets an optimizer step each layer inside the backward pass and free its rows at once.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -184,6 +189,29 @@ class GradientCapture:
             captured.scale_(1.0 / self.grad_scaler.get_scale())
         return captured
 
+    def on_complete(self, callback: Callable[[Tensor], None]) -> None:
+        """Call ``callback(B)`` in backward as soon as the gradient of ``B``'s pair is complete.
+
+        It fires once per backward pass and pair, after the pair's last row was recorded and its
+        ``A.grad`` accumulated (see the module docstring); :meth:`pop` then returns the rows of
+        every backward since the last pop. The hooks belong to the capture: :meth:`remove`
+        removes them with the others.
+        """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        for B, site in self._sites.items():
+            self._handles.append(
+                site.pair.A.register_post_accumulate_grad_hook(lambda _A, B=B: callback(B))
+            )
+
+    def gradient_was_zeroed(self, B: Tensor) -> bool:
+        """Whether ``B.grad`` was ``None`` when the latest backward reached ``B``'s pair.
+
+        ``True`` means the gradients were zeroed (``zero_grad``) before that backward: it is not
+        a further micro-batch of an accumulation.
+        """
+        return self._sites[B].grad_was_zeroed  # type: ignore[index]
+
     def peek(self, B: Tensor) -> CapturedGradient | None:
         """The gradient captured so far for ``B``'s pair, without taking it."""
         return self._sites[B].captured  # type: ignore[index]
@@ -218,6 +246,7 @@ class _Site:
         self.statistics = statistics
         self.captured: CapturedGradient | None = None
         self._backward_finished = False  # a backward has written B.grad since the window opened
+        self.grad_was_zeroed = True  # B.grad was None when the latest backward reached the pair
         self._down_input: Tensor | None = None
         self._down_output: Tensor | None = None
 
@@ -243,6 +272,7 @@ class _Site:
         m, n = self.pair.shape
         S = grad.detach().reshape(-1, m)
         X = inputs.reshape(-1, n)
+        self.grad_was_zeroed = self.pair.B.grad is None  # B.grad is written after every call
         if self._backward_finished and self.pair.B.grad is None:
             self.take()  # .grad was zeroed after a finished backward, with no step: start over
         captured = self.captured = self.captured or CapturedGradient()

@@ -40,6 +40,9 @@ METHODS = (
 )
 
 
+_CAPTURE_METHODS = ("lorsum", "scaled_lorsum", "svdlora")
+
+
 def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
     """The model's adapters: lorsum's ``LoRALinear`` layers, else PEFT's LoRA layers.
 
@@ -80,7 +83,9 @@ def create_optimizer(
         dense_lr: learning rate of the other trainable parameters (heads, biases).
         dense_optimizer: ``"adamw"`` or ``"sgd"`` for them (lorsum's optimizers only).
         grad_scaler: a ``torch.amp.GradScaler`` when training with fp16 loss scaling.
-        **hparams: the method's hyperparameters (``lr``, ``num_iters``, ``damping``, ...).
+        **hparams: the method's hyperparameters (``lr``, ``num_iters``, ``damping``, ...);
+            the capture-based methods also take ``step_in_backward=True`` (each pair stepped
+            inside ``backward()``, see :class:`~lorsum.optim._base.LoRAOptimizer`).
 
     Returns:
         The optimizer. For capture-based methods ``optimizer.capture`` is the
@@ -88,10 +93,17 @@ def create_optimizer(
         ``optimizer.capture.remove()`` to detach it.
 
     Raises:
-        ValueError: an unknown method, or a model without adapters.
+        ValueError: an unknown method, a model without adapters, or ``step_in_backward`` for
+            a method that does not capture the full gradient.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method: {method!r} (must be one of {', '.join(METHODS)})")
+    if hparams.get("step_in_backward") and method not in _CAPTURE_METHODS:
+        raise ValueError(
+            f"step_in_backward=True: method {method!r} steps with autograd's LoRA gradients, "
+            f"not a captured full gradient; only {', '.join(map(repr, _CAPTURE_METHODS))} "
+            "step in backward"
+        )
     pairs = list(find_lora_pairs(model) if pairs is None else pairs)
     others = dense_parameters(model, pairs) if dense else []
     lr = hparams.pop("lr", 1e-3)

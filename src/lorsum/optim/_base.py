@@ -55,6 +55,13 @@ class LoRAOptimizer(Optimizer):
         max_grad_norm: clip the global gradient norm to this value before stepping (``None``:
             no clipping). With a capture the norm includes each pair's full gradient
             ``‖∂L/∂W‖`` in factored form; otherwise the LoRA ``.grad`` tensors.
+        step_in_backward: step each LoRA pair inside ``backward()``, as soon as its full
+            gradient is complete (:meth:`GradientCapture.on_complete`), and drop its captured
+            rows at once, so that the capture never holds more than the layers whose backward
+            is in flight; :meth:`step` then steps the dense groups only. For the optimizers
+            that capture the full gradient, without gradient accumulation (a second backward
+            with no ``step()`` or ``zero_grad()`` in between raises) and without
+            ``max_grad_norm`` (a global norm needs every gradient first). Default: ``False``.
     """
 
     needs_capture = False
@@ -66,9 +73,11 @@ class LoRAOptimizer(Optimizer):
         *,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
+        step_in_backward: bool = False,
     ) -> None:
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
+        _check_step_in_backward(type(self), step_in_backward, max_grad_norm)
         if self.needs_capture and capture is None:
             raise ValueError(
                 f"{type(self).__name__} steps with the full gradient of each layer: pass "
@@ -78,6 +87,11 @@ class LoRAOptimizer(Optimizer):
             raise TypeError(f"capture must be a GradientCapture, got {type(capture).__name__}")
         self.capture = capture  # plumbing, never serialised
         self.max_grad_norm = max_grad_norm
+        self.step_in_backward = step_in_backward
+        # Position in param_groups of each pair's group, keyed by B: positions survive
+        # load_state_dict, which replaces the group dicts themselves.
+        self._pair_group_index: dict[Tensor, int] = {}
+        self._stepped_in_backward: set[Tensor] = set()  # B of pairs stepped since step()
         if isinstance(params, Tensor) or not isinstance(params, Iterable):
             raise TypeError("params must be an iterable of param groups (dicts)")
         params = list(params)
@@ -90,6 +104,8 @@ class LoRAOptimizer(Optimizer):
                     "lorsum.pair_param_groups(pairs) and lorsum.dense_param_group(params)"
                 )
         super().__init__(params, defaults)
+        if step_in_backward:
+            self.capture.on_complete(self._step_pair_in_backward)  # type: ignore[union-attr]
 
     # --- groups ----------------------------------------------------------------------------
 
@@ -111,6 +127,7 @@ class LoRAOptimizer(Optimizer):
             raise ValueError(f"Invalid param group kind: {kind!r} (must be 'lora' or 'dense')")
         super().add_param_group(param_group)
         if kind == "lora":
+            self._pair_group_index[param_group["params"][1]] = len(self.param_groups) - 1
             self._check_lora_hyperparameters(param_group)
             if self.capture is not None:
                 try:
@@ -166,6 +183,8 @@ class LoRAOptimizer(Optimizer):
                 self._step_dense_group(group)
                 continue
             A, B = group["params"]
+            if B in self._stepped_in_backward:
+                continue  # stepped inside backward already
             if self.needs_capture and B not in captured and B.grad is not None:
                 # Autograd reached the pair but the capture saw no rows: hooks removed, or a
                 # forward that does not chain up(down(x)). Say so instead of silently skipping.
@@ -177,7 +196,28 @@ class LoRAOptimizer(Optimizer):
                 )
             work.append((group, A, B, captured.get(B)))
         self._step_lora_groups(work)
+        self._stepped_in_backward.clear()
         return loss
+
+    def _step_pair_in_backward(self, B: Tensor) -> None:
+        """Step ``B``'s pair now, in backward: its full gradient is complete (``on_complete``)."""
+        index = self._pair_group_index.get(B)
+        if index is None:
+            return  # captured, but not one of this optimizer's pairs
+        group = self.param_groups[index]
+        if B in self._stepped_in_backward and not self.capture.gradient_was_zeroed(B):  # type: ignore[union-attr]
+            raise RuntimeError(
+                f"LoRA pair {group['name']!r}: a second backward() reached it with no step() "
+                "or zero_grad() since the first; step_in_backward=True has already stepped it "
+                "and cannot accumulate gradients over micro-batches. Build the optimizer with "
+                "step_in_backward=False for gradient accumulation."
+            )
+        captured = self.capture.pop(B)  # type: ignore[union-attr]
+        if captured is None:
+            return  # no rows (a forward the capture could not pair): step() will say so
+        with torch.no_grad():
+            self._step_lora_groups([(group, group["params"][0], B, captured)])
+        self._stepped_in_backward.add(B)
 
     def _step_lora_groups(self, work: list[PairWork]) -> None:
         """Step every LoRA pair; subclasses that batch same-shape pairs override this."""
@@ -329,6 +369,25 @@ class LoRAOptimizer(Optimizer):
             for state in states
         ]
         torch._foreach_add_(skipped, list((~finite).to(torch.int64).unbind(0)))
+
+
+def _check_step_in_backward(
+    cls: type[LoRAOptimizer], step_in_backward: object, max_grad_norm: float | None
+) -> None:
+    if not isinstance(step_in_backward, bool):
+        raise ValueError(f"Invalid step_in_backward: {step_in_backward!r} (must be True or False)")
+    if not step_in_backward:
+        return
+    if not cls.needs_capture:
+        raise ValueError(
+            f"step_in_backward=True: {cls.__name__} steps with autograd's LoRA gradients, not a "
+            "captured full gradient; only LoRSum, ScaledLoRSum and SVDLoRA step in backward"
+        )
+    if max_grad_norm is not None:
+        raise ValueError(
+            f"step_in_backward=True with max_grad_norm={max_grad_norm!r}: clipping by the global "
+            "norm needs every layer's gradient before the first step; use one or the other"
+        )
 
 
 def _check_non_negative(group: dict[str, Any], key: str) -> None:

@@ -69,6 +69,8 @@ class LoRSum(LoRAOptimizer):
             steps every pair alone.
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
+        step_in_backward: step each pair inside ``backward()`` and free its captured rows at
+            once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
 
     State: ``state[B]["step"]``, ``state[B]["skipped_steps"]``; with momentum the buffer's
     factors ``state[B]["momentum_buffer"] (m, r')`` and ``state[A]["momentum_buffer"] (r', n)``.
@@ -101,6 +103,7 @@ class LoRSum(LoRAOptimizer):
         foreach: bool = True,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
+        step_in_backward: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -112,7 +115,13 @@ class LoRSum(LoRAOptimizer):
             "compute_dtype": compute_dtype,
             "foreach": foreach,
         }
-        super().__init__(params, defaults, capture=capture, max_grad_norm=max_grad_norm)
+        super().__init__(
+            params,
+            defaults,
+            capture=capture,
+            max_grad_norm=max_grad_norm,
+            step_in_backward=step_in_backward,
+        )
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)

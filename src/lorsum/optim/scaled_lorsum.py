@@ -116,6 +116,8 @@ class ScaledLoRSum(LoRAOptimizer):
             K-FAC it must be built with ``statistics=metric_form``.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`); it
             scales the output side, so the K-FAC input statistics are unaffected.
+        step_in_backward: step each pair inside ``backward()`` and free its captured rows at
+            once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
 
     State: ``state[B]["step"]`` (0-d float32), ``state[B]["skipped_steps"]``,
     ``state[B]["metric_out_avg"]`` ``(m,)`` or ``(m, m)``, ``state[A]["metric_in_avg"]`` ``(n,)``
@@ -182,6 +184,7 @@ class ScaledLoRSum(LoRAOptimizer):
         compute_dtype: str | None = None,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
+        step_in_backward: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -198,7 +201,13 @@ class ScaledLoRSum(LoRAOptimizer):
             "momentum_rank": momentum_rank,
             "compute_dtype": compute_dtype,
         }
-        super().__init__(params, defaults, capture=capture, max_grad_norm=max_grad_norm)
+        super().__init__(
+            params,
+            defaults,
+            capture=capture,
+            max_grad_norm=max_grad_norm,
+            step_in_backward=step_in_backward,
+        )
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)

@@ -55,6 +55,8 @@ class SVDLoRA(LoRAOptimizer):
         oversamples, power_iters: of the randomized range finder (defaults: 10 and 2).
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
+        step_in_backward: step each pair inside ``backward()`` and free its captured rows at
+            once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
 
     Reference:
         The SVDLoRA baseline of "Beyond SGD, Without SVD", arXiv:2602.16456.
@@ -74,6 +76,7 @@ class SVDLoRA(LoRAOptimizer):
         power_iters: int = 2,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
+        step_in_backward: bool = False,
     ) -> None:
         defaults = {
             "lr": lr,
@@ -83,7 +86,13 @@ class SVDLoRA(LoRAOptimizer):
             "oversamples": oversamples,
             "power_iters": power_iters,
         }
-        super().__init__(params, defaults, capture=capture, max_grad_norm=max_grad_norm)
+        super().__init__(
+            params,
+            defaults,
+            capture=capture,
+            max_grad_norm=max_grad_norm,
+            step_in_backward=step_in_backward,
+        )
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)

@@ -1,0 +1,204 @@
+"""``step_in_backward=True``: each pair stepped inside ``backward()``, its rows freed at once.
+
+The trajectory must be the one ``step()`` gives (float64, to rounding), the capture must never
+hold the rows of a layer whose backward is finished, and the two things in-backward stepping
+cannot do (accumulate micro-batches, clip by a global norm) must be refused clearly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorsum
+from tests.utils import mse, regression_batch, tiny_lora_model
+
+CASES = [
+    ("lorsum", {"lr": 0.3, "num_iters": 0}),
+    ("lorsum", {"lr": 0.3, "num_iters": 2, "damping": 1e-2}),
+    ("lorsum", {"lr": 0.3, "num_iters": 1, "momentum": 0.9, "weight_decay": 0.01}),
+    ("scaled_lorsum", {"lr": 0.3}),
+    ("scaled_lorsum", {"lr": 0.3, "metric": "shampoo", "metric_form": "dense"}),
+    ("svdlora", {"lr": 0.3, "momentum": 0.5}),
+]
+IDS = [f"{method}-{i}" for i, (method, _) in enumerate(CASES)]
+
+
+def _train(method, hparams, *, step_in_backward, steps=4, scheduler=False):
+    model, _ = tiny_lora_model()
+    opt = lorsum.create_optimizer(
+        model, method, dense_lr=0.01, step_in_backward=step_in_backward, **hparams
+    )
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if scheduler else None
+    for step in range(steps):
+        x, y = regression_batch(16, seed=step)
+        mse(model, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+        if schedule is not None:
+            schedule.step()
+    opt.capture.remove()
+    return model, opt
+
+
+def _trainables(model):
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize(("method", "hparams"), CASES, ids=IDS)
+def test_stepping_in_backward_gives_the_trajectory_of_step(method, hparams):
+    inside, _ = _train(method, hparams, step_in_backward=True)
+    after, _ = _train(method, hparams, step_in_backward=False)
+    for a, b in zip(_trainables(inside), _trainables(after), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_scheduled_learning_rate_reaches_the_in_backward_step():
+    inside, _ = _train("lorsum", {"lr": 0.3}, step_in_backward=True, scheduler=True)
+    after, _ = _train("lorsum", {"lr": 0.3}, step_in_backward=False, scheduler=True)
+    constant, _ = _train("lorsum", {"lr": 0.3}, step_in_backward=True)
+    for a, b in zip(_trainables(inside), _trainables(after), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(_trainables(inside)[0], _trainables(constant)[0])
+
+
+def test_a_finished_layer_keeps_no_rows_during_backward():
+    # Four stacked adapted layers: when each one completes, its rows are consumed at once and
+    # no other layer holds any (those below have not been reached yet).
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(10, 10), nn.Tanh())]).double()
+    pairs = lorsum.add_lora(model, ["0", "2", "4", "6"], rank=2)
+    opt = lorsum.create_optimizer(model, "lorsum", lr=0.1, step_in_backward=True)
+    held_at_completion = []
+
+    def count_held(_B):  # registered after the optimizer's hook, so it runs after the step
+        held_at_completion.append(sum(opt.capture.peek(p.B) is not None for p in pairs))
+
+    opt.capture.on_complete(count_held)
+    x = torch.randn(32, 10, dtype=torch.float64)
+    model(x).square().sum().backward()
+    assert held_at_completion == [0, 0, 0, 0]
+    assert all(int(opt.state[p.B]["step"]) == 1 for p in pairs)  # stepped before step()
+    opt.step()
+    assert all(int(opt.state[p.B]["step"]) == 1 for p in pairs)  # and not again
+    opt.capture.remove()
+
+
+def test_the_dense_groups_are_stepped_by_step():
+    model, _ = tiny_lora_model()
+    opt = lorsum.create_optimizer(model, "lorsum", lr=0.3, dense_lr=0.01, step_in_backward=True)
+    head = model[4].weight
+    before = head.detach().clone()
+    x, y = regression_batch(16)
+    mse(model, x, y).backward()
+    torch.testing.assert_close(head, before, rtol=0, atol=0)  # untouched until step()
+    opt.step()
+    assert not torch.equal(head, before)
+    opt.capture.remove()
+
+
+def test_a_second_backward_without_step_is_refused():
+    model, _ = tiny_lora_model()
+    opt = lorsum.create_optimizer(model, "lorsum", lr=0.3, step_in_backward=True)
+    x, y = regression_batch(16)
+    mse(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="cannot accumulate gradients"):
+        mse(model, x, y).backward()
+    opt.capture.remove()
+
+
+def test_zeroed_gradients_without_step_are_a_new_window():
+    # GradScaler skips optimizer.step() after an overflow, then the loop zeroes the gradients:
+    # the next backward is not an accumulation and must step normally.
+    model, pairs = tiny_lora_model()
+    opt = lorsum.create_optimizer(model, "lorsum", lr=0.3, step_in_backward=True)
+    for seed in range(2):
+        x, y = regression_batch(16, seed=seed)
+        mse(model, x, y).backward()
+        opt.zero_grad()
+    assert int(opt.state[pairs[0].B]["step"]) == 2
+    opt.capture.remove()
+
+
+def test_a_non_finite_backward_leaves_the_factors_untouched():
+    model, pairs = tiny_lora_model()
+    opt = lorsum.create_optimizer(model, "lorsum", lr=0.3, step_in_backward=True)
+    before = [p.detach().clone() for pair in pairs for p in (pair.A, pair.B)]
+    x, y = regression_batch(16)
+    x[3, 2] = float("nan")
+    mse(model, x, y).backward()
+    opt.step()
+    after = [p.detach().clone() for pair in pairs for p in (pair.A, pair.B)]
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [int(opt.state[pair.B]["skipped_steps"]) for pair in pairs] == [1, 1]
+    opt.capture.remove()
+
+
+def test_the_group_positions_survive_load_state_dict():
+    model, pairs = tiny_lora_model()
+    opt = lorsum.create_optimizer(model, "lorsum", lr=0.3, step_in_backward=True)
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = 0.0  # the first pair frozen by its loaded group
+    opt.load_state_dict(state)
+    before = [(pair.B @ pair.A).detach().clone() for pair in pairs]
+    x, y = regression_batch(16)
+    mse(model, x, y).backward()
+    after = [(pair.B @ pair.A).detach() for pair in pairs]
+    torch.testing.assert_close(after[0], before[0], rtol=1e-12, atol=1e-14)  # lr 0: refit only
+    assert (after[1] - before[1]).norm() > 1e-3 * before[1].norm()
+    opt.capture.remove()
+
+
+@pytest.mark.parametrize(
+    ("method", "hparams", "match"),
+    [
+        ("lorsum", {"max_grad_norm": 1.0}, "max_grad_norm=1.0"),
+        ("lorsum", {"step_in_backward": 1}, "Invalid step_in_backward: 1"),
+        ("precond_sgd", {}, "method 'precond_sgd' steps with autograd's LoRA gradients"),
+        ("lora_pro", {}, "method 'lora_pro' steps with autograd's LoRA gradients"),
+        ("adamw", {}, "method 'adamw' steps with autograd's LoRA gradients"),
+    ],
+)
+def test_what_cannot_step_in_backward_is_refused(method, hparams, match):
+    model, _ = tiny_lora_model()
+    hparams = {"step_in_backward": True, **hparams}
+    with pytest.raises(ValueError, match=match):
+        lorsum.create_optimizer(model, method, lr=0.1, **hparams)
+
+
+def test_a_lora_optimizer_without_capture_cannot_step_in_backward():
+    # The base class refuses it for any subclass that does not capture the full gradient.
+    with pytest.raises(ValueError, match="PrecondLoRA steps with autograd's LoRA gradients"):
+        lorsum.optim._base._check_step_in_backward(lorsum.PrecondLoRA, True, None)
+
+
+def test_a_peft_llama_steps_in_backward_like_step():
+    # Every linear of the block adapted: q, k and v share one input, gate and up another.
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=64, max_position_embeddings=16,
+    )  # fmt: skip
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    def train(step_in_backward):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).double()
+        lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets)
+        model = peft.get_peft_model(model, lora)
+        opt = lorsum.create_optimizer(
+            model, "lorsum", lr=0.5, momentum=0.5, step_in_backward=step_in_backward
+        )
+        tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            model(input_ids=tokens, labels=tokens).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        opt.capture.remove()
+        return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    for a, b in zip(train(True), train(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
