@@ -19,6 +19,11 @@ rank ``r``, each fed its own ``N`` random input rows, float32:
 For every point and method: the median wall time of the step over ``repeats`` steps after
 ``warmup`` (each after a fresh backward, device-synchronised around the step), the bytes held in
 ``optimizer.state``, and on a GPU the step's peak memory above what was allocated before it.
+The end-to-end parts also run the capture-based methods with ``step_in_backward=True`` (method
+names ending in ``-in-backward``) and record each method's peak memory over its training steps:
+on a GPU the allocator's peak, on the CPU the process's peak resident set (``VmHWM``, reset
+before each method through ``/proc/self/clear_refs``), both also as the part above what was
+held before the first step (the model and its inputs).
 
 Run from the repository root::
 
@@ -33,6 +38,8 @@ directory, for the tests. A markdown table per part is printed to stdout, progre
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import sys
 import tempfile
 import time
@@ -51,6 +58,7 @@ SUITE = "step_cost"
 DEFAULT_OUT = _results.REPO_ROOT / "benchmarks" / "results" / SUITE
 SPEEDUP_TARGET = 100.0  # LoRSum (1 sweep) against SVDLoRA at the target point
 E2E_TARGET = {"cpu": 1.25, "cuda": 1.10}  # LoRSum (1 sweep) / AdamW-LoRA, whole training step
+MEMORY_TARGET = 1.10  # LoRSum / AdamW-LoRA peak memory of a training step, no accumulation
 PARTS = ("axes", "target", "e2e-minilm", "e2e-smollm2")
 
 # method -> (lorsum.create_optimizer name, hyperparameters). Learning rates are irrelevant to
@@ -94,9 +102,11 @@ def part_configs(device: str, quick: bool) -> dict[str, dict[str, Any]]:
         dense_limit = 4096 if device == "cuda" else 1024
     common = {"device": device, "dtype": "float32", "repeats": repeats, "warmup": warmup}
     e2e_methods = [
-        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1", "lorsum-x8", "precond-adamw",
-        "scaled-kfac", "lora-pro", "svdlora", "full-adamw",
+        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward", "lorsum-x1",
+        "lorsum-x1-in-backward", "lorsum-x8", "precond-adamw", "scaled-kfac", "lora-pro",
+        "svdlora", "full-adamw",
     ]  # fmt: skip
+    quick_e2e = ["lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward"]
     return {
         "axes": {
             **common, "part": "axes", "base": base, "axes": axes, "methods": list(METHODS),
@@ -109,13 +119,13 @@ def part_configs(device: str, quick: bool) -> dict[str, dict[str, Any]]:
         "e2e-minilm": {
             **common, "part": "e2e-minilm", "batch": 4 if quick else 32,
             "seq_len": 16 if quick else 128,
-            "methods": ["lora-adamw", "lorsum-x1-nomom"] if quick else e2e_methods,
+            "methods": quick_e2e if quick else e2e_methods,
             "repeats": 2 if quick else 5,
         },
         "e2e-smollm2": {
             **common, "part": "e2e-smollm2", "batch": 2 if quick else 8,
             "seq_len": 16 if quick else 512, "rank": 4 if quick else 16, "autocast": "bfloat16",
-            "methods": ["lora-adamw", "lorsum-x1-nomom"] if quick else e2e_methods,
+            "methods": quick_e2e if quick else e2e_methods,
             "repeats": 2 if quick else 5,
         },
     }  # fmt: skip
@@ -195,32 +205,90 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+IN_BACKWARD = "-in-backward"  # suffix of an e2e method stepped with step_in_backward=True
+
+
+def _base_method(method: str) -> str:
+    """The task's method behind an e2e method name (without its suffixes)."""
+    return method.removesuffix(IN_BACKWARD)
+
+
 def measure_e2e(method: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Time whole training steps (zero_grad, forward, backward, step) of one model and method."""
+    """Time whole training steps (zero_grad, forward, backward, step) of one model and method.
+
+    The peak memory covers every step, warm-up included (the first step creates the state).
+    """
     device = torch.device(config["device"])
     torch.manual_seed(0)
     optimizers, loss_fn = _E2E_MODELS[config["part"]](method, config, device)
-    times, peaks = [], []
+    memory = _PeakMemory(device)
+    times, step_times = [], []
     for step in range(config["warmup"] + config["repeats"]):
         _synchronize(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         optimizers.zero_grad()
         loss_fn().backward()
+        _synchronize(device)  # splits the step into backward and optimizer.step()
+        middle = time.perf_counter()
         optimizers.step()
         _synchronize(device)
         if step >= config["warmup"]:
             times.append(time.perf_counter() - start)
-            if device.type == "cuda":
-                peaks.append(torch.cuda.max_memory_allocated(device))
+            step_times.append(time.perf_counter() - middle)
+    peak_bytes, peak_above_setup_bytes = memory.read()
     optimizers.close()
     return {
         "method": method,
         "step_time_s": _results.time_stats(times),
+        "optimizer_step_time_s": _results.time_stats(step_times),
         "state_bytes": sum(state_bytes(o) for o in optimizers.optimizers),
-        "peak_bytes": max(peaks) if peaks else None,
+        "peak_bytes": peak_bytes,
+        "peak_above_setup_bytes": peak_above_setup_bytes,
     }
+
+
+class _PeakMemory:
+    """Peak memory from now on: the CUDA allocator's, or the process's resident set on Linux.
+
+    On the CPU the kernel's high-water mark ``VmHWM`` is reset by writing 5 to
+    ``/proc/self/clear_refs``; freed heap memory is first handed back to the kernel
+    (``malloc_trim``), so that later allocations show in the resident set instead of silently
+    reusing pages of an earlier method. Where that is unavailable the peak is ``None``.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            self.setup = torch.cuda.memory_allocated(device)
+            return
+        self.setup = None
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            Path("/proc/self/clear_refs").write_text("5")
+            self.setup = _proc_status_bytes("VmRSS")
+        except (OSError, AttributeError, KeyError):
+            pass  # not Linux/glibc: no CPU peak
+
+    def read(self) -> tuple[int | None, int | None]:
+        """``(peak, peak - setup)`` in bytes, or ``(None, None)``."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.setup is None:
+            return None, None
+        else:
+            peak = _proc_status_bytes("VmHWM")
+        return peak, peak - self.setup
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024  # reported in kB
+    raise KeyError(field)
 
 
 # Imported inside the builders: the other parts need neither transformers nor the models.
@@ -233,10 +301,16 @@ def _minilm_for_glue(method: str, config: dict[str, Any], device: torch.device) 
 
     model, _ = load_minilm("sequence-classification", num_labels=2)
     model = _finetune.prepare(
-        model, method, glue.TARGETS, glue.RANK, modules_to_save=["classifier"]
+        model,
+        method.removesuffix(IN_BACKWARD),
+        glue.TARGETS,
+        glue.RANK,
+        modules_to_save=["classifier"],
     )
     model.to(device).train()
-    optimizers = _finetune.Optimizers(model, method, glue.default_learning_rate("sst2", method))
+    optimizers = _e2e_optimizers(
+        model, method, lambda base: glue.default_learning_rate("sst2", base)
+    )
     ids, generator = _random_tokens(model, config, device)
     labels = torch.randint(0, 2, (config["batch"],), generator=generator).to(device)
 
@@ -253,10 +327,10 @@ def _smollm2_all_linears(method: str, config: dict[str, Any], device: torch.devi
     from benchmarks.tasks import _finetune, lm
 
     model, _ = load_smollm2()
-    model = _finetune.prepare(model, method, SMOLLM2_TARGETS, config["rank"])
+    model = _finetune.prepare(model, _base_method(method), SMOLLM2_TARGETS, config["rank"])
     model.to(device).train()
-    optimizers = _finetune.Optimizers(
-        model, method, lm.default_learning_rate(lm.VARIANTS[0], method)
+    optimizers = _e2e_optimizers(
+        model, method, lambda base: lm.default_learning_rate(lm.VARIANTS[0], base)
     )
     ids, _ = _random_tokens(model, config, device)
 
@@ -265,6 +339,15 @@ def _smollm2_all_linears(method: str, config: dict[str, Any], device: torch.devi
             return model(input_ids=ids, labels=ids).loss
 
     return optimizers, loss
+
+
+def _e2e_optimizers(model: nn.Module, method: str, learning_rate: Any) -> Any:
+    """The task's optimizers of ``method``; ``<method>-in-backward`` steps in backward."""
+    from benchmarks.tasks import _finetune
+
+    base = _base_method(method)
+    overrides = {"step_in_backward": True} if IN_BACKWARD in method else {}
+    return _finetune.Optimizers(model, base, learning_rate(base), overrides=overrides)
 
 
 def _random_tokens(model: nn.Module, config: dict[str, Any], device: torch.device) -> tuple:
@@ -281,6 +364,11 @@ _E2E_MODELS = {"e2e-minilm": _minilm_for_glue, "e2e-smollm2": _smollm2_all_linea
 def run_part(config: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     if config["part"] in _E2E_MODELS:
+        # One discarded run first: the process's one-time allocations (kernel workspaces, the
+        # autograd engine's threads, the model's file cache) would otherwise be charged to
+        # whichever method comes first.
+        _log(f"{config['part']}: warm-up with {config['methods'][0]} (discarded)")
+        measure_e2e(config["methods"][0], {**config, "repeats": 1, "warmup": 0})
         results = []
         for method in config["methods"]:
             _log(f"{config['part']}: {method}")
@@ -314,7 +402,9 @@ def _record(config: dict[str, Any], results: list[dict[str, Any]], wall_time_s: 
             "step_peak_extra_bytes": "CUDA only: peak allocation during step() above before it",
             "sweep_flops": "4·r·N·(m+n)·L, one LoRSum sweep's products with the captured rows",
             "layer_flops": "4·N·m·n·L, the frozen layers' forward and input-gradient products",
-            "peak_bytes": "e2e, CUDA only: peak allocation of a whole training step",
+            "peak_bytes": "e2e: peak over the training steps, CUDA allocator or CPU VmHWM",
+            "peak_above_setup_bytes": "e2e: peak_bytes minus what was held before the first step",
+            "optimizer_step_time_s": "e2e: optimizer.step() alone, synchronised after backward",
         },
     )
 
@@ -324,12 +414,25 @@ def _summary(config: dict[str, Any], results: list[dict[str, Any]]) -> dict[str,
         by_method = {r["method"]: r["step_time_s"]["median_s"] for r in results}
         ratio = by_method["lorsum-x1-nomom"] / by_method["lora-adamw"]
         target = E2E_TARGET[config["device"]]
-        return {
+        summary = {
             "median_step_s": by_method,
             "lorsum_x1_over_lora_adamw": ratio,
             "target": target,
             "met": ratio <= target,
         }
+        peaks = {r["method"]: r.get("peak_bytes") for r in results}
+        above = {r["method"]: r.get("peak_above_setup_bytes") for r in results}
+        if peaks.get("lora-adamw"):
+            summary["peak_bytes"] = peaks
+            summary["peak_above_setup_bytes"] = above
+            summary["peak_over_lora_adamw"] = {
+                m: p / peaks["lora-adamw"] for m, p in peaks.items() if p is not None
+            }
+            summary["peak_above_setup_over_lora_adamw"] = {
+                m: a / above["lora-adamw"] for m, a in above.items() if a is not None
+            }
+            summary["memory_target"] = MEMORY_TARGET
+        return summary
     if config["part"] != "target":
         return {}
     by_method = {r["method"]: r["step_time_s"]["median_s"] for r in results}
@@ -353,15 +456,20 @@ def table(record: dict[str, Any]) -> str:
     title = f"### {record['part']} ({record['device']})\n\n"
     if record["part"] in _E2E_MODELS:
         base = record["summary"]["median_step_s"]["lora-adamw"]
+        above = {r["method"]: r.get("peak_above_setup_bytes") for r in record["results"]}
         rows = [
             [
                 r["method"], f"{1e3 * r['step_time_s']['median_s']:.1f}",
                 f"{r['step_time_s']['median_s'] / base:.2f}", f"{r['state_bytes'] / 2**20:.2f}",
-                _mib(r["peak_bytes"]),
+                _mib(r["peak_bytes"]), _mib(above[r["method"]]),
+                _ratio(above[r["method"]], above.get("lora-adamw")),
             ]
             for r in record["results"]
         ]  # fmt: skip
-        headers = ["method", "step (ms)", "/ lora-adamw", "state (MiB)", "peak (MiB)"]
+        headers = [
+            "method", "step (ms)", "/ lora-adamw", "state (MiB)", "peak (MiB)",
+            "peak above setup (MiB)", "/ lora-adamw",
+        ]  # fmt: skip
         return title + _results.markdown_table(headers, rows)
     rows = [
         [
@@ -377,6 +485,10 @@ def table(record: dict[str, Any]) -> str:
 
 def _mib(size: int | None) -> str:
     return "" if size is None else f"{size / 2**20:.1f}"
+
+
+def _ratio(value: int | None, base: int | None) -> str:
+    return "" if value is None or not base else f"{value / base:.2f}"
 
 
 def _log(message: str) -> None:

@@ -73,11 +73,17 @@ def test_a_quick_end_to_end_run_times_whole_training_steps(tmp_path, capsys, mon
     assert step_cost.main(["--quick", "--parts", "e2e-minilm", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "e2e-minilm-cpu.json").read_text())
     medians = record["summary"]["median_step_s"]
-    assert set(medians) == {"lora-adamw", "lorsum-x1-nomom"}
+    assert set(medians) == {"lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward"}
     ratio = medians["lorsum-x1-nomom"] / medians["lora-adamw"]
     assert record["summary"]["lorsum_x1_over_lora_adamw"] == pytest.approx(ratio)
     by = {r["method"]: r for r in record["results"]}
     assert by["lora-adamw"]["state_bytes"] > 0  # AdamW's moments of the adapters and the head
+    if by["lora-adamw"]["peak_bytes"] is not None:  # Linux: the resident-set peak is read
+        for result in by.values():
+            assert 0 < result["peak_above_setup_bytes"] <= result["peak_bytes"]
+        ratios = record["summary"]["peak_above_setup_over_lora_adamw"]
+        assert ratios["lora-adamw"] == 1.0
+        assert set(ratios) == set(medians)
     assert "LoRSum(1 sweep) / LoRA-AdamW training step" in capsys.readouterr().out
 
 
@@ -97,7 +103,9 @@ def test_a_quick_smollm2_run_adapts_all_seven_linears_under_bf16_autocast(
     assert step_cost.main(["--quick", "--parts", "e2e-smollm2", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "e2e-smollm2-cpu.json").read_text())
     assert record["config"]["autocast"] == "bfloat16"
-    assert set(record["summary"]["median_step_s"]) == {"lora-adamw", "lorsum-x1-nomom"}
+    assert set(record["summary"]["median_step_s"]) == {
+        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward",
+    }  # fmt: skip
     adapted = {
         name.split(".")[-2] for name, _ in built[0].named_modules() if name.endswith("lora_A")
     }

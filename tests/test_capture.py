@@ -96,6 +96,41 @@ def test_rows_are_kept_until_the_dense_form_is_smaller():
         assert ref.rel_err(capture.peek(B).to_dense(), G_stream) <= 1e-12
 
 
+def test_without_folding_the_rows_are_kept_whatever_their_size():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(32, 32)).double()
+    pairs = lorsum.add_lora(model, ["0"], rank=2)
+    x = randn(64, 32, seed=9)  # 64·(32 + 32) = 4096 elements of rows, m·n = 1024
+    with GradientCapture(pairs, fold=False) as capture:
+        model(x).sum().backward()
+        captured = capture.peek(pairs[0].B)
+        assert captured.dense is None
+        assert captured.num_rows == 64
+        G_rows = captured.to_dense().clone()
+    with GradientCapture(pairs) as capture:
+        model.zero_grad()
+        model(x).sum().backward()
+        assert capture.peek(pairs[0].B).dense is not None  # folded by default
+        assert ref.rel_err(capture.peek(pairs[0].B).to_dense(), G_rows) <= 1e-12
+
+
+def test_on_complete_fires_once_per_backward_after_the_layers_last_row():
+    torch.manual_seed(10)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6)).double()
+    pairs = lorsum.add_lora(model, ["0", "2"], rank=2)
+    x = randn(5, 6, seed=11)
+    seen = []
+    with GradientCapture(pairs) as capture:
+        capture.on_complete(lambda B: seen.append((B, capture.peek(B).num_rows, B.grad)))
+        (model(x) + model(x)).sum().backward()  # every layer called twice
+        # Backward reaches the last layer first; each fires once, with both calls' rows in.
+        assert [b is p.B for (b, _, _), p in zip(seen, pairs[::-1], strict=True)] == [True] * 2
+        assert [rows for _, rows, _ in seen] == [10, 10]
+        assert all(grad is not None for _, _, grad in seen)
+        with pytest.raises(TypeError, match="callback must be callable"):
+            capture.on_complete("not a function")
+
+
 def test_a_layer_called_twice_in_one_forward_adds_both_calls():
     torch.manual_seed(10)
     model = nn.Sequential(nn.Linear(6, 6)).double()
@@ -181,6 +216,8 @@ def test_invalid_captures_raise_with_the_offending_values():
         GradientCapture(pairs, statistics="full")
     with pytest.raises(ValueError, match=r"no LoRA pairs given"):
         GradientCapture([])
+    with pytest.raises(ValueError, match=r"Invalid fold: 'no'"):
+        GradientCapture(pairs, fold="no")
     pairs[0].B.requires_grad_(False)
     with pytest.raises(ValueError, match=r"LoRA pair '0' has a frozen factor"):
         GradientCapture(pairs)

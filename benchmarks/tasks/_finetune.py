@@ -95,9 +95,19 @@ class Optimizers:
     """The LoRA optimizer of one method and the shared head AdamW, stepped together.
 
     For ``full-adamw`` there is one AdamW over every weight of the model (no adapters).
+    ``overrides`` replace or add hyperparameters of the LoRA optimizer (the step-cost suite's
+    ``step_in_backward=True``, say).
     """
 
-    def __init__(self, model: nn.Module, method: str, lr: float, *, steps: int = 1) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str,
+        lr: float,
+        *,
+        steps: int = 1,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
         self.optimizers: list[torch.optim.Optimizer] = []
         self.schedule: SDSLoRASchedule | None = None
         if method in ADAPTERS:
@@ -109,7 +119,9 @@ class Optimizers:
             return
         pairs = lorsum_peft.lora_pairs(model)
         self.optimizers.append(
-            lorsum.create_optimizer(model, name, pairs=pairs, dense=False, lr=lr, **hparams)
+            lorsum.create_optimizer(
+                model, name, pairs=pairs, dense=False, lr=lr, **{**hparams, **(overrides or {})}
+            )
         )
         head = lorsum.dense_parameters(model, pairs)
         if head:

@@ -23,7 +23,11 @@ Design (why it is built this way):
   ``GradScaler`` after an overflow), and the stale rows are dropped. Within one backward, a layer
   called several times records every call (``B.grad`` is only written once they are all in).
 * **Memory is bounded by** ``min(N (m + n), m n)`` elements per layer: rows are kept while they
-  are the smaller form; past that they are folded into a dense float32 accumulator.
+  are the smaller form; past that they are folded into a dense float32 accumulator. Folding
+  costs ``2 N m n`` flops, the price of the weight gradient itself, far above a sweep's
+  ``4 r N (m + n)``: an optimizer that consumes each layer's rows as soon as they are complete
+  (``step_in_backward``) sets ``fold = False``, since its rows never outlive one layer's
+  backward anyway.
 * **A layer's gradient is complete when its down factor's gradient is.** Backward reaches the
   up map before the down map, and autograd sums every call of a layer before it accumulates
   ``A.grad``, so :meth:`GradientCapture.on_complete` hooks ``A``'s gradient accumulation: at
@@ -124,6 +128,10 @@ class GradientCapture:
             carry; :meth:`pop` divides it out, as ``GradScaler.unscale_`` does for ``.grad``.
         statistics: also accumulate the metric statistics of scaled LoRSum: ``"diagonal"``
             (``Σx²``, ``Σs²``) or ``"dense"`` (``XᵀX``, ``SᵀS``); ``None`` (default) for neither.
+        fold: fold a layer's rows into a dense ``m × n`` accumulator once that is smaller
+            (default), bounding memory by ``min(N (m + n), m n)`` per layer; ``False`` always
+            keeps the rows (for a consumer that takes them at once, see the module docstring).
+            An attribute: it can be changed later, and applies from the next recorded rows.
 
     Use it as a context manager, or call :meth:`remove` when done::
 
@@ -141,7 +149,10 @@ class GradientCapture:
         *,
         grad_scaler: Any | None = None,
         statistics: Statistics = None,
+        fold: bool = True,
     ) -> None:
+        if not isinstance(fold, bool):
+            raise ValueError(f"Invalid fold: {fold!r} (must be True or False)")
         if statistics not in (None, "diagonal", "dense"):
             raise ValueError(
                 f"Invalid statistics: {statistics!r} (must be None, 'diagonal' or 'dense')"
@@ -150,6 +161,7 @@ class GradientCapture:
             raise ValueError("no LoRA pairs given: nothing to capture")
         self.grad_scaler = grad_scaler
         self.statistics: Statistics = statistics
+        self.fold = fold
         self._sites: dict[nn.Parameter, _Site] = {}
         self._handles: list[Any] = []
         for pair in pairs:
@@ -165,7 +177,7 @@ class GradientCapture:
                     f"LoRA pair {pair.name!r} has a frozen factor (requires_grad=False); the "
                     "full-gradient optimizers update both A and B"
                 )
-            site = _Site(pair, statistics)
+            site = _Site(pair, statistics, self)
             self._sites[pair.B] = site
             down, up = pair.modules
             self._handles.append(down.register_forward_hook(site.on_down_forward))
@@ -235,15 +247,19 @@ class GradientCapture:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"GradientCapture({len(self._sites)} pairs, statistics={self.statistics!r})"
+        return (
+            f"GradientCapture({len(self._sites)} pairs, statistics={self.statistics!r}, "
+            f"fold={self.fold!r})"
+        )
 
 
 class _Site:
     """The hooks and the buffer of one pair."""
 
-    def __init__(self, pair: LoRAPair, statistics: Statistics) -> None:
+    def __init__(self, pair: LoRAPair, statistics: Statistics, owner: GradientCapture) -> None:
         self.pair = pair
         self.statistics = statistics
+        self.owner = owner  # whose ``fold`` policy applies
         self.captured: CapturedGradient | None = None
         self._backward_finished = False  # a backward has written B.grad since the window opened
         self.grad_was_zeroed = True  # B.grad was None when the latest backward reached the pair
@@ -278,7 +294,8 @@ class _Site:
         captured = self.captured = self.captured or CapturedGradient()
         captured.num_rows += S.shape[0]
         self._add_statistics(captured, S, X)
-        if captured.dense is None and (captured.num_rows * (m + n) <= m * n):
+        fold = self.owner.fold and captured.num_rows * (m + n) > m * n
+        if captured.dense is None and not fold:
             captured.rows.append((S, X))
             return
         if captured.dense is None:  # fold the rows kept so far: the dense form is now smaller

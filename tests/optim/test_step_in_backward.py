@@ -76,6 +76,7 @@ def test_a_finished_layer_keeps_no_rows_during_backward():
         held_at_completion.append(sum(opt.capture.peek(p.B) is not None for p in pairs))
 
     opt.capture.on_complete(count_held)
+    assert opt.capture.fold is False  # rows consumed at once are never folded into m × n
     x = torch.randn(32, 10, dtype=torch.float64)
     model(x).square().sum().backward()
     assert held_at_completion == [0, 0, 0, 0]

@@ -58,7 +58,9 @@ class LoRAOptimizer(Optimizer):
         step_in_backward: step each LoRA pair inside ``backward()``, as soon as its full
             gradient is complete (:meth:`GradientCapture.on_complete`), and drop its captured
             rows at once, so that the capture never holds more than the layers whose backward
-            is in flight; :meth:`step` then steps the dense groups only. For the optimizers
+            is in flight; it also sets the capture's ``fold = False`` (rows are never folded
+            into ``m × n``, so each sweep costs ``4 r N (m + n)`` and no ``2 N m n`` fold is
+            paid); :meth:`step` then steps the dense groups only. For the optimizers
             that capture the full gradient, without gradient accumulation (a second backward
             with no ``step()`` or ``zero_grad()`` in between raises) and without
             ``max_grad_norm`` (a global norm needs every gradient first). Default: ``False``.
@@ -105,6 +107,9 @@ class LoRAOptimizer(Optimizer):
                 )
         super().__init__(params, defaults)
         if step_in_backward:
+            # Each layer's rows are consumed as soon as they are complete: keep them as rows
+            # (a sweep over them is the cost floor) instead of folding them into m × n.
+            self.capture.fold = False  # type: ignore[union-attr]
             self.capture.on_complete(self._step_pair_in_backward)  # type: ignore[union-attr]
 
     # --- groups ----------------------------------------------------------------------------
