@@ -111,3 +111,27 @@ def test_the_guard_itself_catches_a_read():
 @pytest.mark.parametrize("name", sorted(SYNC_FREE))
 def test_a_cuda_step_does_not_synchronise(name):
     _steps_after_a_warm_up(name, "cuda", cuda_sync_is_an_error)
+
+
+def _backwards_after_a_warm_up(device, guard):
+    """Three in-backward steps of LoRSum with momentum; the last two backwards inside ``guard``."""
+    hparams = {"lr": 0.1, "num_iters": 1, "momentum": 0.9, "step_in_backward": True}
+    model, optimizer = _model_and_optimizer("lorsum", hparams, device)
+    for step in range(3):
+        x, y = torch.randn(8, 12, device=device), torch.randint(0, 3, (8,), device=device)
+        loss = nn.functional.cross_entropy(model(x), y)
+        with guard(optimizer) if step else contextlib.nullcontext():
+            loss.backward()  # the pairs are stepped in here
+            optimizer.step()
+        optimizer.zero_grad()
+    assert all(int(c) == 3 for c in _step_counters(optimizer))
+
+
+def test_stepping_in_backward_reads_nothing_back():
+    _backwards_after_a_warm_up("cpu", lambda opt: no_host_reads(_step_counters(opt)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stepping_in_backward_on_cuda_does_not_synchronise():
+    _backwards_after_a_warm_up("cuda", cuda_sync_is_an_error)
