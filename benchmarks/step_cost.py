@@ -6,6 +6,9 @@ the frozen layer's own forward and backward. This suite measures ``optimizer.ste
 forward and backward before it are not timed) on ``L`` independent LoRA layers of ``m × n`` with
 rank ``r``, each fed its own ``N`` random input rows, float32:
 
+* **ceilings**: the device's float32 matrix-product rate and copy bandwidth, against which
+  ``benchmarks.cost_model`` turns each point's model flops and bytes into a floor time; the
+  tables give the floor and its fraction of the measured time;
 * **axes**: from a base point, one of ``m = n``, ``r``, ``N`` and ``L`` varies at a time;
 * **target**: ``m = n = 4096, r = 16, N = 4096``, one layer, where LoRSum with one sweep should be
   at least 100× faster than SVDLoRA (issue #6), LoRA-Pro beside them;
@@ -22,12 +25,12 @@ For every point and method: the median wall time of the step over ``repeats`` st
 The end-to-end parts also run the capture-based methods with ``step_in_backward=True`` (method
 names ending in ``-in-backward``) and record each method's peak memory over its training steps:
 on a GPU the allocator's peak, on the CPU the process's peak resident set (``VmHWM``, reset
-before each method through ``/proc/self/clear_refs``), both also as the part above what was
-held before the first step (the model and its inputs).
+before each method), both also as the part above what was held before the first step (the
+model and its inputs).
 
 Run from the repository root::
 
-    python -m benchmarks.step_cost [--device cpu|cuda] [--parts axes,target,e2e-minilm,...]
+    python -m benchmarks.step_cost [--device cpu|cuda] [--parts ceilings,axes,target,...]
                                    [--quick] [--force] [--out DIR]
 
 Results go to ``benchmarks/results/step_cost/<part>-<device>.json`` (atomically, skipped when the
@@ -38,8 +41,10 @@ directory, for the tests. A markdown table per part is printed to stdout, progre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
+import json
 import sys
 import tempfile
 import time
@@ -51,7 +56,7 @@ import torch
 from torch import nn
 
 import lorsum
-from benchmarks import _results
+from benchmarks import _results, cost_model
 from benchmarks.optimizer_state import state_bytes
 
 SUITE = "step_cost"
@@ -59,7 +64,7 @@ DEFAULT_OUT = _results.REPO_ROOT / "benchmarks" / "results" / SUITE
 SPEEDUP_TARGET = 100.0  # LoRSum (1 sweep) against SVDLoRA at the target point
 E2E_TARGET = {"cpu": 1.25, "cuda": 1.10}  # LoRSum (1 sweep) / AdamW-LoRA, whole training step
 MEMORY_TARGET = 1.10  # LoRSum / AdamW-LoRA peak memory of a training step, no accumulation
-PARTS = ("axes", "target", "e2e-minilm", "e2e-smollm2")
+PARTS = ("ceilings", "axes", "target", "e2e-minilm", "e2e-smollm2")
 
 # method -> (lorsum.create_optimizer name, hyperparameters). Learning rates are irrelevant to
 # the cost; they are small so that repeated steps stay finite.
@@ -101,6 +106,7 @@ def part_configs(device: str, quick: bool) -> dict[str, dict[str, Any]]:
         repeats, warmup = (5, 2) if device == "cuda" else (3, 1)
         dense_limit = 4096 if device == "cuda" else 1024
     common = {"device": device, "dtype": "float32", "repeats": repeats, "warmup": warmup}
+    ceiling_matmul, ceiling_copy_mib = (8192, 2048) if device == "cuda" else (2048, 256)
     e2e_methods = [
         "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward", "lorsum-x1",
         "lorsum-x1-in-backward", "lorsum-x8", "precond-adamw", "scaled-kfac", "lora-pro",
@@ -108,6 +114,10 @@ def part_configs(device: str, quick: bool) -> dict[str, dict[str, Any]]:
     ]  # fmt: skip
     quick_e2e = ["lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward"]
     return {
+        "ceilings": {
+            **common, "part": "ceilings", "matmul_size": 256 if quick else ceiling_matmul,
+            "copy_mib": 4 if quick else ceiling_copy_mib,
+        },
         "axes": {
             **common, "part": "axes", "base": base, "axes": axes, "methods": list(METHODS),
             "dense_methods_up_to_m": dense_limit,
@@ -250,10 +260,10 @@ def measure_e2e(method: str, config: dict[str, Any]) -> dict[str, Any]:
 class _PeakMemory:
     """Peak memory from now on: the CUDA allocator's, or the process's resident set on Linux.
 
-    On the CPU the kernel's high-water mark ``VmHWM`` is reset by writing 5 to
-    ``/proc/self/clear_refs``; freed heap memory is first handed back to the kernel
-    (``malloc_trim``), so that later allocations show in the resident set instead of silently
-    reusing pages of an earlier method. Where that is unavailable the peak is ``None``.
+    On the CPU the kernel's high-water mark ``VmHWM`` is reset (``_results.reset_peak_rss``);
+    freed heap memory is first handed back to the kernel (``malloc_trim``), so that later
+    allocations show in the resident set instead of silently reusing pages of an earlier
+    method. Where that is unavailable the peak is ``None``.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -263,32 +273,21 @@ class _PeakMemory:
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            self.setup = torch.cuda.memory_allocated(device)
+            self.setup: int | None = torch.cuda.memory_allocated(device)
             return
-        self.setup = None
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")
-            self.setup = _proc_status_bytes("VmRSS")
-        except (OSError, AttributeError, KeyError):
-            pass  # not Linux/glibc: no CPU peak
+        self.setup = _results.current_rss_bytes() if _results.reset_peak_rss() else None
 
     def read(self) -> tuple[int | None, int | None]:
         """``(peak, peak - setup)`` in bytes, or ``(None, None)``."""
+        if self.setup is None:
+            return None, None
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.setup is None:
-            return None, None
         else:
-            peak = _proc_status_bytes("VmHWM")
+            peak = _results.peak_rss_bytes()
         return peak, peak - self.setup
-
-
-def _proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # reported in kB
-    raise KeyError(field)
 
 
 # Imported inside the builders: the other parts need neither transformers nor the models.
@@ -361,8 +360,55 @@ SMOLLM2_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 _E2E_MODELS = {"e2e-minilm": _minilm_for_glue, "e2e-smollm2": _smollm2_all_linears}
 
 
+def measure_ceilings(config: dict[str, Any]) -> dict[str, Any]:
+    """The device's float32 matrix-product rate and copy bandwidth: the cost model's ceilings.
+
+    A square product of ``matmul_size`` (``2 s³`` operations) and a clone of ``copy_mib`` MiB
+    (its bytes read plus written), each the median of ``repeats`` after ``warmup``.
+    """
+    device = torch.device(config["device"])
+    size = config["matmul_size"]
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    source = torch.randn(config["copy_mib"] * 2**18, device=device)  # 2**18 floats per MiB
+    products, copies = [], []
+    for step in range(config["warmup"] + config["repeats"]):
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        middle = time.perf_counter()
+        source.clone()
+        _synchronize(device)
+        if step >= config["warmup"]:
+            products.append(middle - start)
+            copies.append(time.perf_counter() - middle)
+    product_s = _results.time_stats(products)["median_s"]
+    copy_s = _results.time_stats(copies)["median_s"]
+    return {
+        "matmul_flops_per_s": 2 * size**3 / product_s,
+        "copy_bytes_per_s": 2 * source.numel() * source.element_size() / copy_s,
+        "matmul_time_s": _results.time_stats(products),
+        "copy_time_s": _results.time_stats(copies),
+    }
+
+
+def with_cost_model(result: dict[str, Any], ceilings: dict[str, Any] | None) -> dict[str, Any]:
+    """``result`` of an axes or target point with its model flops, bytes, floor and fraction."""
+    m, r, N, L = result["m"], result["r"], result["N"], result["L"]
+    cost = cost_model.step_cost(result["method"], m, m, r, N) * L
+    out = {**result, "model_flops": cost.flops, "model_bytes": cost.bytes}
+    if ceilings is not None:
+        floor = cost.floor_s(ceilings["matmul_flops_per_s"], ceilings["copy_bytes_per_s"])
+        out["floor_s"] = floor
+        out["fraction_of_floor"] = floor / result["step_time_s"]["median_s"]
+    return out
+
+
 def run_part(config: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
+    if config["part"] == "ceilings":
+        results = [measure_ceilings(config)]
+        return _record(config, results, time.perf_counter() - start)
     if config["part"] in _E2E_MODELS:
         # One discarded run first: the process's one-time allocations (kernel workspaces, the
         # autograd engine's threads, the model's file cache) would otherwise be charged to
@@ -451,9 +497,18 @@ def _device_name(device: str) -> str:
     return _results.cpu_model() or "cpu"
 
 
-def table(record: dict[str, Any]) -> str:
-    """Median step time (ms) per method and point, and the state size."""
+def table(record: dict[str, Any], ceilings: dict[str, Any] | None = None) -> str:
+    """Median step time (ms) per method and point, the state size, and the cost model's floor.
+
+    ``ceilings``: the device's ``ceilings`` result (its matrix rate and bandwidth), if measured.
+    """
     title = f"### {record['part']} ({record['device']})\n\n"
+    if record["part"] == "ceilings":
+        c = record["results"][0]
+        return title + _results.markdown_table(
+            ["float32 matrix product (GFLOP/s)", "copy bandwidth (GB/s)"],
+            [[f"{c['matmul_flops_per_s'] / 1e9:.0f}", f"{c['copy_bytes_per_s'] / 1e9:.1f}"]],
+        )
     if record["part"] in _E2E_MODELS:
         base = record["summary"]["median_step_s"]["lora-adamw"]
         above = {r["method"]: r.get("peak_above_setup_bytes") for r in record["results"]}
@@ -471,15 +526,21 @@ def table(record: dict[str, Any]) -> str:
             "peak above setup (MiB)", "/ lora-adamw",
         ]  # fmt: skip
         return title + _results.markdown_table(headers, rows)
+    results = [with_cost_model(r, ceilings) for r in record["results"]]
     rows = [
         [
             r["method"], f"{r['m']}", f"{r['r']}", f"{r['N']}", f"{r['L']}",
             f"{1e3 * r['step_time_s']['median_s']:.2f}", f"{r['state_bytes'] / 2**20:.2f}",
-            _mib(r["step_peak_extra_bytes"]),
+            _mib(r["step_peak_extra_bytes"]), f"{r['model_flops'] / 1e9:.3g}",
+            f"{1e3 * r['floor_s']:.3g}" if "floor_s" in r else "",
+            f"{r['fraction_of_floor']:.2f}" if "fraction_of_floor" in r else "",
         ]
-        for r in record["results"]
+        for r in results
     ]  # fmt: skip
-    headers = ["method", "m = n", "r", "N", "L", "step (ms)", "state (MiB)", "step peak (MiB)"]
+    headers = [
+        "method", "m = n", "r", "N", "L", "step (ms)", "state (MiB)", "step peak (MiB)",
+        "model GFLOP", "floor (ms)", "floor / step",
+    ]  # fmt: skip
     return title + _results.markdown_table(headers, rows)
 
 
@@ -493,6 +554,15 @@ def _ratio(value: int | None, base: int | None) -> str:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _stored_ceilings(out: Path, device: str) -> dict[str, Any] | None:
+    """The device's measured ceilings from ``out``, if that part was run."""
+    try:
+        record = json.loads((out / f"ceilings-{device}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record["results"][0]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -521,7 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         Path(tempfile.mkdtemp(prefix=f"lorsum-{SUITE}-")) if args.quick else DEFAULT_OUT
     )
     configs = part_configs(args.device, args.quick)
-    for part in args.parts:
+    parts = sorted(args.parts, key=PARTS.index)  # the ceilings first: the tables use them
+    for part in parts:
         path = out / f"{part}-{args.device}.json"
         record = None if args.force else _results.load_current(path, configs[part])
         if record is None:
@@ -530,7 +601,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _log(f"{part}: wrote {path} ({record['wall_time_s']:.1f} s)")
         else:
             _log(f"{part}: {path} has the same config hash, skipped (--force re-runs it)")
-        print(table(record), end="\n\n")
+        print(table(record, _stored_ceilings(out, args.device)), end="\n\n")
         summary = record["summary"]
         verdict = "met" if summary.get("met") else "missed"
         if "svdlora_over_lorsum_x1" in summary:
