@@ -115,7 +115,7 @@ def part_configs(
         "lorsum-x1-in-backward", "lorsum-x8", "precond-adamw", "scaled-kfac", "full-adamw",
         FROZEN, "lora-pro", "svdlora",
     ]  # fmt: skip
-    quick_e2e = ["lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward"]
+    quick_e2e = ["lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward", FROZEN]
     return {
         "ceilings": {
             **common, "part": "ceilings", "matmul_size": 256 if quick else ceiling_matmul,
@@ -311,7 +311,7 @@ def _minilm_for_glue(method: str, config: dict[str, Any], device: torch.device) 
     model, _ = load_minilm("sequence-classification", num_labels=2)
     model = _finetune.prepare(
         model,
-        method.removesuffix(IN_BACKWARD),
+        _base_method(method),
         glue.TARGETS,
         glue.RANK,
         modules_to_save=["classifier"],
@@ -366,6 +366,10 @@ def _e2e_optimizers(model: nn.Module, method: str, learning_rate: Any) -> Any:
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.requires_grad_(False)
+        if not any(p.requires_grad for p in model.parameters()):
+            # No head either (a language model): let the embeddings' output require grad, so
+            # that backward still runs through every layer, as it does when training LoRA.
+            model.enable_input_require_grads()
         return _NoStep()
     overrides = {"step_in_backward": True} if IN_BACKWARD in method else {}
     return _finetune.Optimizers(model, base, learning_rate(base), overrides=overrides)

@@ -90,7 +90,9 @@ def test_a_quick_end_to_end_run_times_whole_training_steps(tmp_path, capsys, mon
     assert step_cost.main(["--quick", "--parts", "e2e-minilm", "--out", str(tmp_path)]) == 0
     record = json.loads((tmp_path / "e2e-minilm-cpu.json").read_text())
     medians = record["summary"]["median_step_s"]
-    assert set(medians) == {"lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward"}
+    assert set(medians) == {
+        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward", "frozen-adapters",
+    }  # fmt: skip
     ratio = medians["lorsum-x1-nomom"] / medians["lora-adamw"]
     assert record["summary"]["lorsum_x1_over_lora_adamw"] == pytest.approx(ratio)
     by = {r["method"]: r for r in record["results"]}
@@ -122,7 +124,7 @@ def test_a_quick_smollm2_run_adapts_all_seven_linears_under_bf16_autocast(
     record = json.loads((tmp_path / "e2e-smollm2-cpu.json").read_text())
     assert record["config"]["autocast"] == "bfloat16"
     assert set(record["summary"]["median_step_s"]) == {
-        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward",
+        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward", "frozen-adapters",
     }  # fmt: skip
     adapted = {
         name.split(".")[-2] for name, _ in built[0].named_modules() if name.endswith("lora_A")

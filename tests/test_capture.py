@@ -224,3 +224,53 @@ def test_invalid_captures_raise_with_the_offending_values():
     pairs[0].B.requires_grad_(True)
     with GradientCapture(pairs[:1]) as capture, pytest.raises(KeyError, match="not the B factor"):
         capture.pop(pairs[1].B)
+
+
+def _autocast_model(seed=30):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8))
+    pairs = lorsum.add_lora(model, ["0", "2"], rank=3, dropout=0.2)
+    with torch.no_grad():
+        for pair in pairs:
+            pair.B.normal_(std=0.3)
+    return model, pairs
+
+
+def test_under_autocast_the_rows_are_autograds_own_low_precision_inputs():
+    # Autocast casts the adapter's input to bfloat16 and autograd saves that copy for A.grad:
+    # the capture takes the same copy (no float32 duplicate kept alive until backward), so the
+    # captured gradient is autograd's, and A.grad = Bᵀ G to bfloat16 rounding.
+    model, pairs = _autocast_model()
+    x = randn(64, 16, seed=31, dtype=torch.float32)
+    with GradientCapture(pairs) as capture:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().square().mean()
+        loss.backward()
+        for pair in pairs:
+            captured = capture.peek(pair.B)
+            rows = captured.rows or []
+            assert all(X.dtype == torch.bfloat16 for _, X in rows)
+            G = captured.to_dense()
+            assert ref.rel_err(pair.B.T.float() @ G, pair.A.grad) <= 2e-2
+
+
+def test_under_autocast_checkpointing_gives_the_same_gradient_to_bfloat16_rounding():
+    # Checkpointing packs saved tensors through hooks, so the capture keeps the uncast float32
+    # input there: the same gradient as without checkpointing, up to the cast's rounding.
+    from torch.utils.checkpoint import checkpoint
+
+    def gradients(use_checkpoint):
+        model, pairs = _autocast_model(seed=32)
+        x = randn(64, 16, seed=33, dtype=torch.float32)
+        with GradientCapture(pairs) as capture:
+            torch.manual_seed(34)  # the same dropout masks in both runs
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if use_checkpoint:
+                    out = checkpoint(model, x, use_reentrant=False, preserve_rng_state=True)
+                else:
+                    out = model(x)
+            out.float().square().mean().backward()
+            return [capture.peek(p.B).to_dense().clone() for p in pairs]
+
+    for plain, checkpointed in zip(gradients(False), gradients(True), strict=True):
+        assert ref.rel_err(checkpointed, plain) <= 1e-2

@@ -89,7 +89,7 @@ class CapturedGradient:
         S0, X0 = self.rows[0]
         out = torch.zeros(S0.shape[1], X0.shape[1], dtype=_accumulate_dtype(S0), device=S0.device)
         for S, X in self.rows:
-            out.addmm_(S.mT.to(out.dtype), X.to(out.dtype))
+            _add_product_(out, S, X)
         return out
 
     def squared_norm(self) -> Tensor:
@@ -271,7 +271,7 @@ class _Site:
         # back-propagated, so forwards that are never differentiated (evaluation, no_grad, the
         # first pass of checkpointing) leave nothing, whatever the module's train/eval mode.
         if torch.is_grad_enabled() and isinstance(output, Tensor):
-            self._down_input, self._down_output = args[0].detach(), output
+            self._down_input, self._down_output = _saved_input(args[0], output), output
         else:
             self._down_input = self._down_output = None
 
@@ -301,7 +301,7 @@ class _Site:
         if captured.dense is None:  # fold the rows kept so far: the dense form is now smaller
             captured.dense = captured.to_dense() if captured.rows else _zeros_like_gradient(S, X)
             captured.rows = []
-        captured.dense.addmm_(S.mT.to(captured.dense.dtype), X.to(captured.dense.dtype))
+        _add_product_(captured.dense, S, X)
 
     def _add_statistics(self, captured: CapturedGradient, S: Tensor, X: Tensor) -> None:
         if self.statistics is None:
@@ -323,6 +323,50 @@ class _Site:
         captured, self.captured = self.captured, None
         self._backward_finished = False
         return captured
+
+
+def _saved_input(inputs: Tensor, output: Tensor) -> Tensor:
+    """The down map's input as autograd saved it for the map's own backward, else ``inputs``.
+
+    Under autocast the down map casts its input (float32 to bfloat16, say) and autograd saves
+    that cast copy for ``A.grad``; holding the uncast input as well would keep a second, wider
+    copy of every adapter's input alive from the forward to the layer's backward (for SmolLM2
+    with rank-16 LoRA on all seven linears, 2.4 GB at 8 × 512 tokens). The cast copy is the
+    matrix product's saved operand, read from the output's ``grad_fn`` (``mm``'s ``self``, or
+    ``addmm``'s ``mat1`` with a bias, behind a view); the rows are then exactly the ``X`` of
+    autograd's own ``A.grad``. Without a cast (the input is what autograd saves), under
+    saved-tensor hooks (activation checkpointing, offloading: reading a saved tensor there
+    would unpack it) or for any graph not of that shape, the input itself is kept.
+    """
+    if inputs.dtype == output.dtype or output.grad_fn is None:
+        return inputs.detach()
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return inputs.detach()
+    node = output.grad_fn
+    if node.name() in ("UnsafeViewBackward0", "ViewBackward0") and node.next_functions:
+        node = node.next_functions[0][0]
+    saved = None
+    if node is not None and node.name() == "MmBackward0":
+        saved = node._saved_self
+    elif node is not None and node.name() == "AddmmBackward0":
+        saved = node._saved_mat1
+    if saved is None or saved.numel() != inputs.numel() or saved.shape[-1] != inputs.shape[-1]:
+        return inputs.detach()
+    return saved.detach()
+
+
+def _add_product_(dense: Tensor, S: Tensor, X: Tensor) -> None:
+    """``dense += Sᵀ X``; for low-precision rows the product is taken in their own dtype.
+
+    Rows of one 16-bit dtype come from an autocast (or half-precision) layer, whose weight
+    gradient autograd itself computes in that dtype; the product is rounded once and
+    accumulated in ``dense`` (float32). Converting the rows to float32 first would cost a
+    full-precision ``2 N m n`` product, the dominant cost of folding on an accelerator.
+    """
+    if S.dtype == X.dtype and S.dtype in (torch.bfloat16, torch.float16):
+        dense.add_(S.mT @ X)
+    else:
+        dense.addmm_(S.mT.to(dense.dtype), X.to(dense.dtype))
 
 
 def _accumulate_dtype(t: Tensor) -> torch.dtype:

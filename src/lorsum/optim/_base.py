@@ -367,12 +367,10 @@ class LoRAOptimizer(Optimizer):
             keep = finite.view(-1, *[1] * (new.ndim - 1))
             safe = torch.where(keep, new.to(old.dtype), old)
             torch._foreach_copy_(targets, list(safe.unbind(0)))
-        skipped = [
-            state.setdefault(
-                "skipped_steps", torch.zeros((), dtype=torch.int64, device=finite.device)
-            )
-            for state in states
-        ]
+        for state in states:  # created once: a new device tensor per pair and step is a launch
+            if "skipped_steps" not in state:
+                state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=finite.device)
+        skipped = [state["skipped_steps"] for state in states]
         torch._foreach_add_(skipped, list((~finite).to(torch.int64).unbind(0)))
 
 
