@@ -366,10 +366,9 @@ def _e2e_optimizers(model: nn.Module, method: str, learning_rate: Any) -> Any:
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.requires_grad_(False)
-        if not any(p.requires_grad for p in model.parameters()):
-            # No head either (a language model): let the embeddings' output require grad, so
-            # that backward still runs through every layer, as it does when training LoRA.
-            model.enable_input_require_grads()
+        # The embeddings' output requires grad, so that backward still runs through every
+        # layer as it does when training LoRA (else it would stop at the head, if any).
+        model.enable_input_require_grads()
         return _NoStep()
     overrides = {"step_in_backward": True} if IN_BACKWARD in method else {}
     return _finetune.Optimizers(model, base, learning_rate(base), overrides=overrides)
@@ -633,11 +632,12 @@ def plot(record: dict[str, Any], path: Path) -> bool:
             if all(r[k] == base[k] for k in ("r", "N", "L"))
         ]  # fmt: skip
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for method in record["config"]["methods"]:
+        for i, method in enumerate(record["config"]["methods"]):
             points = sorted((r["m"], r["step_time_s"]["median_s"]) for r in along_m
                             if r["method"] == method)  # fmt: skip
-            if points:
-                ax.plot(*zip(*points, strict=True), marker="o", label=method)
+            if points:  # ten colours, then the same ones dashed: every method told apart
+                style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}
+                ax.plot(*zip(*points, strict=True), marker="o", label=method, **style)
         ax.set(xscale="log", yscale="log", xlabel="m = n", ylabel="optimizer.step() (s)")
         ax.set_title(
             f"step time, r={base['r']}, N={base['N']}, L={base['L']} ({record['device']})",
@@ -688,6 +688,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--force", action="store_true", help="re-run parts stored already")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG figures")
     parser.add_argument(
+        "--summarize-only", action="store_true",
+        help="measure nothing: print the tables and draw the figures of the stored results "
+        "(for example a GPU's, on a machine without one); fails if a part is missing",
+    )  # fmt: skip
+    parser.add_argument(
         "--smollm2-weights", choices=("pretrained", "random"), default="pretrained",
         help="e2e-smollm2: the GGUF file's weights, or the same architecture with random weights "
         "(same cost; for a machine without the model file)",
@@ -696,7 +701,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick and args.out is not None and args.out.resolve() == DEFAULT_OUT:
         parser.error("--quick results must not overwrite the committed results; pick another --out")
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available() and not args.summarize_only:
         parser.error("--device cuda: no CUDA device is available")
     args.parts = [p for p in args.parts.split(",") if p]
     if unknown := sorted(set(args.parts) - set(PARTS)):
@@ -714,6 +719,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for part in parts:
         path = out / f"{part}-{args.device}.json"
         record = None if args.force else _results.load_current(path, configs[part])
+        if record is None and args.summarize_only:
+            _log(f"{part}: {path} is missing or was made with another config (--summarize-only)")
+            return 1
         if record is None:
             progress = path.with_suffix(".partial.json")
             record = run_part(configs[part], progress)

@@ -131,3 +131,13 @@ def test_a_quick_smollm2_run_adapts_all_seven_linears_under_bf16_autocast(
     }
     assert adapted == set(step_cost.SMOLLM2_TARGETS)
     assert "### e2e-smollm2" in capsys.readouterr().out
+
+
+def test_summarize_only_reads_stored_parts_and_names_a_missing_one(tmp_path, capsys):
+    assert step_cost.main(["--quick", "--parts", "ceilings", "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    args = ["--quick", "--summarize-only", "--out", str(tmp_path)]
+    assert step_cost.main([*args, "--parts", "ceilings"]) == 0
+    assert "### ceilings" in capsys.readouterr().out
+    assert step_cost.main([*args, "--parts", "target"]) == 1
+    assert "target-cpu.json is missing" in capsys.readouterr().err
