@@ -40,7 +40,8 @@ METHODS = (
 )
 
 
-_CAPTURE_METHODS = ("lorsum", "scaled_lorsum", "svdlora")
+# The methods that step with the captured full gradient (and so can step in backward).
+_CAPTURE_OPTIMIZERS = {"lorsum": LoRSum, "scaled_lorsum": ScaledLoRSum, "svdlora": SVDLoRA}
 
 
 def find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
@@ -98,10 +99,10 @@ def create_optimizer(
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method: {method!r} (must be one of {', '.join(METHODS)})")
-    if hparams.get("step_in_backward") and method not in _CAPTURE_METHODS:
+    if hparams.get("step_in_backward") and method not in _CAPTURE_OPTIMIZERS:
         raise ValueError(
             f"step_in_backward=True: method {method!r} steps with autograd's LoRA gradients, "
-            f"not a captured full gradient; only {', '.join(map(repr, _CAPTURE_METHODS))} "
+            f"not a captured full gradient; only {', '.join(map(repr, _CAPTURE_OPTIMIZERS))} "
             "step in backward"
         )
     pairs = list(find_lora_pairs(model) if pairs is None else pairs)
@@ -131,7 +132,7 @@ def create_optimizer(
     if method == "scaled_lorsum" and hparams.get("metric", "kfac") == "kfac":
         statistics = hparams.get("metric_form", "diagonal")
     capture = GradientCapture(pairs, grad_scaler=grad_scaler, statistics=statistics)
-    cls = {"lorsum": LoRSum, "svdlora": SVDLoRA, "scaled_lorsum": ScaledLoRSum}[method]
+    cls = _CAPTURE_OPTIMIZERS[method]
     try:
         return cls(groups, lr=lr, capture=capture, **hparams)
     except BaseException:

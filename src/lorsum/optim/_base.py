@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -210,14 +210,15 @@ class LoRAOptimizer(Optimizer):
         if index is None:
             return  # captured, but not one of this optimizer's pairs
         group = self.param_groups[index]
-        if B in self._stepped_in_backward and not self.capture.gradient_was_zeroed(B):  # type: ignore[union-attr]
+        capture = cast(GradientCapture, self.capture)  # set: step_in_backward requires it
+        if B in self._stepped_in_backward and not capture.gradient_was_zeroed(B):
             raise RuntimeError(
                 f"LoRA pair {group['name']!r}: a second backward() reached it with no step() "
                 "or zero_grad() since the first; step_in_backward=True has already stepped it "
                 "and cannot accumulate gradients over micro-batches. Build the optimizer with "
                 "step_in_backward=False for gradient accumulation."
             )
-        captured = self.capture.pop(B)  # type: ignore[union-attr]
+        captured = capture.pop(B)
         if captured is None:
             return  # no rows (a forward the capture could not pair): step() will say so
         with torch.no_grad():
