@@ -91,10 +91,13 @@ def test_a_quick_end_to_end_run_times_whole_training_steps(tmp_path, capsys, mon
     record = json.loads((tmp_path / "e2e-minilm-cpu.json").read_text())
     medians = record["summary"]["median_step_s"]
     assert set(medians) == {
-        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward", "frozen-adapters",
+        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-no-factor-grads",
+        "lorsum-x1-nomom-in-backward", "frozen-adapters",
     }  # fmt: skip
     ratio = medians["lorsum-x1-nomom"] / medians["lora-adamw"]
     assert record["summary"]["lorsum_x1_over_lora_adamw"] == pytest.approx(ratio)
+    skipped = medians["lorsum-x1-nomom-no-factor-grads"] / medians["lora-adamw"]
+    assert record["summary"]["lorsum_x1_no_factor_grads_over_lora_adamw"] == pytest.approx(skipped)
     by = {r["method"]: r for r in record["results"]}
     assert by["lora-adamw"]["state_bytes"] > 0  # AdamW's moments of the adapters and the head
     if by["lora-adamw"]["peak_bytes"] is not None:  # Linux: the resident-set peak is read
@@ -124,7 +127,8 @@ def test_a_quick_smollm2_run_adapts_all_seven_linears_under_bf16_autocast(
     record = json.loads((tmp_path / "e2e-smollm2-cpu.json").read_text())
     assert record["config"]["autocast"] == "bfloat16"
     assert set(record["summary"]["median_step_s"]) == {
-        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-in-backward", "frozen-adapters",
+        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom-no-factor-grads",
+        "lorsum-x1-nomom-in-backward", "frozen-adapters",
     }  # fmt: skip
     adapted = {
         name.split(".")[-2] for name, _ in built[0].named_modules() if name.endswith("lora_A")

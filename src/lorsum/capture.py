@@ -132,6 +132,14 @@ class GradientCapture:
             (default), bounding memory by ``min(N (m + n), m n)`` per layer; ``False`` always
             keeps the rows (for a consumer that takes them at once, see the module docstring).
             An attribute: it can be changed later, and applies from the next recorded rows.
+        factor_grads: let autograd compute ``A.grad`` and ``B.grad`` as usual (default).
+            ``False`` freezes the factors for autograd until :meth:`remove`, which saves their
+            products and accumulations in every backward (see the module docstring); for the
+            optimizers that step from the captured gradient only (LoRSum, ScaledLoRSum,
+            SVDLoRA), on one process, without a ``grad_scaler`` (``GradScaler`` finds overflows
+            in ``.grad``) and without ``step_in_backward``. With reentrant activation
+            checkpointing, make the checkpointed blocks' inputs require grad (transformers:
+            ``model.enable_input_require_grads()``), since no parameter inside does.
 
     Use it as a context manager, or call :meth:`remove` when done::
 
@@ -140,7 +148,8 @@ class GradientCapture:
             ...
 
     Raises:
-        ValueError: a pair without modules, duplicated pairs, or an unknown ``statistics``.
+        ValueError: a pair without modules, duplicated pairs, an unknown ``statistics``, or
+            ``factor_grads=False`` with a ``grad_scaler``.
     """
 
     def __init__(
@@ -150,9 +159,17 @@ class GradientCapture:
         grad_scaler: Any | None = None,
         statistics: Statistics = None,
         fold: bool = True,
+        factor_grads: bool = True,
     ) -> None:
-        if not isinstance(fold, bool):
-            raise ValueError(f"Invalid fold: {fold!r} (must be True or False)")
+        for flag, value in (("fold", fold), ("factor_grads", factor_grads)):
+            if not isinstance(value, bool):
+                raise ValueError(f"Invalid {flag}: {value!r} (must be True or False)")
+        if not factor_grads and grad_scaler is not None:
+            raise ValueError(
+                "factor_grads=False with a grad_scaler: GradScaler looks for overflows in .grad, "
+                "which the LoRA factors no longer get; use bf16 autocast (no loss scaling) or "
+                "factor_grads=True"
+            )
         if statistics not in (None, "diagonal", "dense"):
             raise ValueError(
                 f"Invalid statistics: {statistics!r} (must be None, 'diagonal' or 'dense')"
@@ -162,6 +179,7 @@ class GradientCapture:
         self.grad_scaler = grad_scaler
         self.statistics: Statistics = statistics
         self.fold = fold
+        self.factor_grads = factor_grads
         self._sites: dict[nn.Parameter, _Site] = {}
         self._handles: list[Any] = []
         for pair in pairs:
@@ -183,6 +201,12 @@ class GradientCapture:
             self._handles.append(down.register_forward_hook(site.on_down_forward))
             self._handles.append(up.register_forward_hook(site.on_up_forward))
             self._handles.append(pair.B.register_post_accumulate_grad_hook(site.on_accumulated))
+        self._frozen: list[Tensor] = []  # factors frozen for autograd (factor_grads=False)
+        if not factor_grads:
+            for pair in pairs:
+                for factor in (pair.A, pair.B):
+                    factor.requires_grad_(False)
+                    self._frozen.append(factor)
 
     @property
     def pairs(self) -> list[LoRAPair]:
@@ -211,6 +235,12 @@ class GradientCapture:
         """
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if not self.factor_grads:
+            raise ValueError(
+                "on_complete needs factor_grads=True: a layer's completion is signalled by its "
+                "A.grad accumulation, which factor_grads=False skips (so step_in_backward=True "
+                "needs factor_grads=True)"
+            )
         for B, site in self._sites.items():
             self._handles.append(
                 site.pair.A.register_post_accumulate_grad_hook(lambda _A, B=B: callback(B))
@@ -234,10 +264,13 @@ class GradientCapture:
             site.take()
 
     def remove(self) -> None:
-        """Remove every hook and drop the buffers. Idempotent."""
+        """Remove every hook, drop the buffers and unfreeze the factors. Idempotent."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for factor in self._frozen:
+            factor.requires_grad_(True)
+        self._frozen.clear()
         self.clear()
 
     def __enter__(self) -> GradientCapture:
@@ -249,7 +282,7 @@ class GradientCapture:
     def __repr__(self) -> str:
         return (
             f"GradientCapture({len(self._sites)} pairs, statistics={self.statistics!r}, "
-            f"fold={self.fold!r})"
+            f"fold={self.fold!r}, factor_grads={self.factor_grads!r})"
         )
 
 
@@ -266,14 +299,23 @@ class _Site:
         self._down_input: Tensor | None = None
         self._down_output: Tensor | None = None
 
-    def on_down_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def on_down_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         # The pending input waits for the up map. Rows are recorded only if the up output is
         # back-propagated, so forwards that are never differentiated (evaluation, no_grad, the
         # first pass of checkpointing) leave nothing, whatever the module's train/eval mode.
-        if torch.is_grad_enabled() and isinstance(output, Tensor):
-            self._down_input, self._down_output = _saved_input(args[0], output), output
-        else:
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor)):
             self._down_input = self._down_output = None
+            return None
+        if self.owner.factor_grads:
+            self._down_input, self._down_output = _saved_input(args[0], output), output
+            return None
+        # Factors frozen for autograd: nothing saves the input for A.grad any more, so keep it
+        # as the product consumed it (autocast's cast), and keep the branch differentiable.
+        self._down_input = args[0].detach().to(output.dtype)
+        if not output.requires_grad:
+            output = output.detach().requires_grad_()
+        self._down_output = output
+        return output
 
     def on_up_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         inputs, self._down_input = self._down_input, None

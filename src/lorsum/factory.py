@@ -86,7 +86,9 @@ def create_optimizer(
         grad_scaler: a ``torch.amp.GradScaler`` when training with fp16 loss scaling.
         **hparams: the method's hyperparameters (``lr``, ``num_iters``, ``damping``, ...);
             the capture-based methods also take ``step_in_backward=True`` (each pair stepped
-            inside ``backward()``, see :class:`~lorsum.optim._base.LoRAOptimizer`).
+            inside ``backward()``, see :class:`~lorsum.optim._base.LoRAOptimizer`) and
+            ``factor_grads=False`` (autograd skips ``A.grad`` and ``B.grad``, which they never
+            read; see :class:`~lorsum.GradientCapture`).
 
     Returns:
         The optimizer. For capture-based methods ``optimizer.capture`` is the
@@ -94,8 +96,8 @@ def create_optimizer(
         ``optimizer.capture.remove()`` to detach it.
 
     Raises:
-        ValueError: an unknown method, a model without adapters, or ``step_in_backward`` for
-            a method that does not capture the full gradient.
+        ValueError: an unknown method, a model without adapters, or ``step_in_backward`` or
+            ``factor_grads=False`` for a method that does not capture the full gradient.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method: {method!r} (must be one of {', '.join(METHODS)})")
@@ -104,6 +106,13 @@ def create_optimizer(
             f"step_in_backward=True: method {method!r} steps with autograd's LoRA gradients, "
             f"not a captured full gradient; only {', '.join(map(repr, _CAPTURE_OPTIMIZERS))} "
             "step in backward"
+        )
+    factor_grads = hparams.pop("factor_grads", True)
+    if factor_grads is not True and method not in _CAPTURE_OPTIMIZERS:
+        raise ValueError(
+            f"factor_grads={factor_grads!r}: method {method!r} steps with autograd's LoRA "
+            f"gradients, so it needs them; only {', '.join(map(repr, _CAPTURE_OPTIMIZERS))} "
+            "can skip them"
         )
     pairs = list(find_lora_pairs(model) if pairs is None else pairs)
     others = dense_parameters(model, pairs) if dense else []
@@ -131,7 +140,9 @@ def create_optimizer(
     statistics = None
     if method == "scaled_lorsum" and hparams.get("metric", "kfac") == "kfac":
         statistics = hparams.get("metric_form", "diagonal")
-    capture = GradientCapture(pairs, grad_scaler=grad_scaler, statistics=statistics)
+    capture = GradientCapture(
+        pairs, grad_scaler=grad_scaler, statistics=statistics, factor_grads=factor_grads
+    )
     cls = _CAPTURE_OPTIMIZERS[method]
     try:
         return cls(groups, lr=lr, capture=capture, **hparams)

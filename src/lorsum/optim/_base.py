@@ -170,6 +170,16 @@ class LoRAOptimizer(Optimizer):
                 f"(must be None or one of {sorted(_COMPUTE_DTYPES)})"
             )
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients; with a ``factor_grads=False`` capture also drop its rows.
+
+        Such a capture's window is not the life of ``A.grad`` and ``B.grad`` (they are never
+        set), so zeroing without a step (a discarded batch) must end it here.
+        """
+        super().zero_grad(set_to_none)
+        if self.capture is not None and not self.capture.factor_grads:
+            self.capture.clear()
+
     # --- step ------------------------------------------------------------------------------
 
     @torch.no_grad()
