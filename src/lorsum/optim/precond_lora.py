@@ -36,6 +36,10 @@ class PrecondLoRA(LoRAOptimizer):
     the factors before the step; ``"sequential"`` (the official code's) steps ``A`` first and
     builds ``B``'s preconditioner from the new ``A``.
 
+    A step whose new ``A``, ``B`` or moments are not all finite (a non-finite gradient) leaves
+    them as they were and counts ``state[B]["skipped_steps"]``; torch's ``step`` count still
+    advances.
+
     With SGD, no momentum, ``s = 1``, ``lr = η`` and ``δ = damping_LoRSum · η``, one
     simultaneous step equals ``LoRSum(num_iters=0)`` (the Jacobi pass).
 
@@ -97,10 +101,33 @@ class PrecondLoRA(LoRAOptimizer):
         grad_A = A.grad if A.grad is not None else torch.zeros_like(A)
         grad_B = B.grad if B.grad is not None else torch.zeros_like(B)
         damping = group["damping"]
+        # torch's update writes A, B and their moments in place, so a non-finite gradient would
+        # reach all of them: keep the pre-step values and restore them below if so.
+        before = {key: value.clone() for key, value in self._guarded(A, B).items()}
         pre_A, pre_B = riemannian_precondition(A, B, grad_A, grad_B, damping=damping)
         if group["order"] == "simultaneous":
             self._torch_step(group, [A, B], [pre_A, pre_B], group["base"])
-            return
-        self._torch_step(group, [A], [pre_A], group["base"])
-        _, pre_B = riemannian_precondition(A, B, grad_A, grad_B, damping=damping)
-        self._torch_step(group, [B], [pre_B], group["base"])
+        else:
+            self._torch_step(group, [A], [pre_A], group["base"])
+            _, pre_B = riemannian_precondition(A, B, grad_A, grad_B, damping=damping)
+            self._torch_step(group, [B], [pre_B], group["base"])
+        updates = []
+        for key, target in self._guarded(A, B).items():
+            # A moment created by this step started from zeros (torch's initial value; for SGD's
+            # buffer, dampening 0 makes a zero buffer and no buffer step alike).
+            old = before.get(key)
+            new = target.clone()
+            target.copy_(torch.zeros_like(target) if old is None else old)
+            updates.append((target, new))
+        self._commit_(self.state[B], updates)
+
+    def _guarded(self, A: Tensor, B: Tensor) -> dict[tuple[int, str], Tensor]:
+        """``A``, ``B`` and their moment tensors (not torch's CPU ``step`` count, which advances
+        even on a skipped step, as in LoRA-Pro: restoring it would need a device read)."""
+        out: dict[tuple[int, str], Tensor] = {(0, "param"): A, (1, "param"): B}
+        for i, p in enumerate((A, B)):
+            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                value = self.state[p].get(key) if p in self.state else None
+                if value is not None:
+                    out[(i, key)] = value
+        return out

@@ -291,7 +291,11 @@ class ScaledLoRSum(LoRAOptimizer):
                     power=group["metric_power"],
                 )
             )
-        M_out, M_in = metrics
+        # A non-finite statistic (from a non-finite gradient, or one whose square overflows) gives
+        # a non-finite metric, which Cholesky would reject. Its running average is in `updates`,
+        # so _commit_ skips this step whatever the solve returns: solve against the identity
+        # instead of raising, and let the commit discard the (never-used) result.
+        M_out, M_in = (_finite_or_identity(M) for M in metrics)
 
         # (2) The step, in product units: B'A' ≈ (1 − η wd) BA − (η/s) M_out⁻¹ D M_in⁻¹ with
         # D = (c_G G_s/s + c_V V) in W units (G_s = s·∂L/∂W is what the capture holds).
@@ -388,6 +392,16 @@ def _batch_statistics(
         squares = G.square()
         return scale * squares.sum(1), scale * squares.sum(0)
     return scale * (G @ G.mT), scale * (G.mT @ G)
+
+
+def _finite_or_identity(metric: Tensor) -> Tensor:
+    """``metric`` if every entry is finite, else the identity of its form (no device read)."""
+    identity = (
+        torch.ones_like(metric)
+        if metric.ndim == 1
+        else torch.eye(metric.shape[0], dtype=metric.dtype, device=metric.device)
+    )
+    return torch.where(torch.isfinite(metric).all(), metric, identity)
 
 
 def _precondition_dense(G: Tensor, metric_out: Tensor, metric_in: Tensor) -> Tensor:
