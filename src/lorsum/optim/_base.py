@@ -170,6 +170,35 @@ class LoRAOptimizer(Optimizer):
                 f"(must be None or one of {sorted(_COMPUTE_DTYPES)})"
             )
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``, but every state tensor keeps the dtype it was saved in.
+
+        torch casts each state tensor except ``step`` to its parameter's dtype, integer ones
+        included: ``skipped_steps`` came back as a float (a bf16 counter stops at 256), and state
+        kept wider than a bf16 parameter would be rounded. Devices still follow the parameters,
+        so a checkpoint moves between CPU and CUDA with every value intact.
+        """
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict):
+            raise TypeError(
+                "load_state_dict expects the dict of an optimizer's state_dict(), with a "
+                f"'state' entry; got {type(state_dict).__name__}"
+            )
+        saved = {
+            (index, key): value.dtype
+            for index, state in state_dict["state"].items()
+            if isinstance(state, dict)
+            for key, value in state.items()
+            if isinstance(value, Tensor)
+        }
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, param in enumerate(params):
+            state = self.state.get(param)
+            for key, value in (state or {}).items():
+                dtype = saved.get((index, key))
+                if dtype is not None and isinstance(value, Tensor) and value.dtype != dtype:
+                    state[key] = value.to(dtype)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients; with a ``factor_grads=False`` capture also drop its rows.
 
