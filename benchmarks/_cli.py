@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+
+
+class UserError(Exception):
+    """A mistake in a command's arguments or inputs, for the user to fix: no traceback."""
+
+
+def fail(prog: str, error: BaseException) -> int:
+    """Report ``error`` as one line on stderr, ``PROG: error: ...``; returns the exit status 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
 
 
 def names(text: str) -> list[str]:

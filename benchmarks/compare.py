@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from benchmarks import _cli, _results
+from benchmarks.datasets import DataError
+from benchmarks.pretrained import MissingModelError
 from benchmarks.tasks import TASKS
 
 DEFAULT_OUT = Path("runs") / "compare"
@@ -47,8 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--lr-sweep-around sweeps around each method's rate: not with --lr/--lr-sweep")
     if args.device == "cuda" and not torch.cuda.is_available() and not args.summarize_only:
         parser.error("--device cuda: no CUDA device is available")
-    runs = plan(task, variants, args)
-    records = load_stored(runs, args.out_dir) if args.summarize_only else execute(runs, args)
+    try:
+        runs = plan(task, variants, args)
+        records = load_stored(runs, args.out_dir) if args.summarize_only else execute(runs, args)
+    except (_cli.UserError, DataError, MissingModelError) as error:
+        # The user's to fix (a missing file, a typo): one line, not a traceback. Every run that
+        # finished before it is stored already.
+        return _cli.fail(parser.prog, error)
     summary = summarize(task, args.task, variants, records)
     name = args.name or args.task
     summary_path = args.out_dir / f"{name}-summary.json"
@@ -197,8 +204,8 @@ def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[d
         chosen = args.methods or list(table)
         unknown = [m for m in chosen if m not in table]
         if unknown:
-            raise SystemExit(
-                f"lorsum compare: unknown method(s) {', '.join(unknown)} for {variant} "
+            raise _cli.UserError(
+                f"unknown method(s) {', '.join(unknown)} for {variant} "
                 f"(choose from {', '.join(table)})"
             )
         for method in chosen:
@@ -214,9 +221,8 @@ def plan(task: Any, variants: Sequence[str], args: argparse.Namespace) -> list[d
                 rates = half_decade_grid(around, args.lr_sweep_around)
             elif chosen_rates is not None:
                 if (variant, method) not in chosen_rates:
-                    raise SystemExit(
-                        f"lorsum compare: no --lr-from summary selects a learning rate for "
-                        f"{method} on {variant}"
+                    raise _cli.UserError(
+                        f"no --lr-from summary selects a learning rate for {method} on {variant}"
                     )
                 rates = [chosen_rates[variant, method]]
             else:
@@ -268,13 +274,13 @@ def _rates_from_summary(source: str, variants: Sequence[str]) -> dict[tuple[str,
             for method, entry in data["methods"].items()
         }
     except (OSError, ValueError, KeyError, TypeError) as error:
-        message = f"lorsum compare: --lr-from {source}: not a readable summary ({error})"
-        raise SystemExit(message) from None
+        message = f"--lr-from {source}: not a readable summary ({error})"
+        raise _cli.UserError(message) from None
     if from_variant is None:
         return rates
     if from_variant not in summary["variants"]:
-        raise SystemExit(
-            f"lorsum compare: --lr-from {source}: the summary has no variant {from_variant!r} "
+        raise _cli.UserError(
+            f"--lr-from {source}: the summary has no variant {from_variant!r} "
             f"(it has {', '.join(summary['variants'])})"
         )
     return {
@@ -315,8 +321,8 @@ def load_stored(runs: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any
             missing.append(str(run_path(out_dir, config)))
         records.append(record)
     if missing:
-        raise SystemExit(
-            f"lorsum compare: {len(missing)} of {len(runs)} runs are not stored (or were made "
+        raise _cli.UserError(
+            f"{len(missing)} of {len(runs)} runs are not stored (or were made "
             f"with another config), first: {missing[0]}"
         )
     return records

@@ -19,6 +19,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+
+class DataError(ValueError):
+    """A dataset file is malformed: the command line reports it in one line (exit status 2)."""
+
+
+class MissingDataError(DataError, FileNotFoundError):
+    """A dataset file the task reads is not in the data directory."""
+
+
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
@@ -38,7 +47,7 @@ def fashion_mnist(data_dir: Path) -> dict[str, ImageSplit]:
         images = _read_idx(folder / f"{prefix}-images-idx3-ubyte.gz", expected_ndim=3)
         labels = _read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", expected_ndim=1)
         if images.shape[0] != labels.shape[0]:
-            raise ValueError(
+            raise DataError(
                 f"{folder}: {prefix} has {images.shape[0]} images but {labels.shape[0]} labels"
             )
         out[split] = ImageSplit(images.unsqueeze(1), labels.long())
@@ -53,7 +62,7 @@ def cifar10(data_dir: Path, cache_dir: Path) -> dict[str, ImageSplit]:
     """
     archive = Path(data_dir) / "cifar10-jpeg" / "cifar10-jpeg.tar.gz"
     if not archive.is_file():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"CIFAR-10 archive not found: {archive} (expected the shared data layout, see "
             "../shared/data/README.md, or pass --data-dir)"
         )
@@ -83,18 +92,18 @@ def _decode_cifar_archive(archive: Path) -> dict[str, ImageSplit]:
                 continue
             split, label, _ = parts
             if split not in images or label not in CIFAR10_CLASSES:
-                raise ValueError(f"{archive}: unexpected member {member.name!r}")
+                raise DataError(f"{archive}: unexpected member {member.name!r}")
             data = tar.extractfile(member).read()
             with Image.open(io.BytesIO(data)) as image:
                 pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
             if pixels.shape != (32, 32, 3):
-                raise ValueError(f"{archive}: {member.name} decodes to {pixels.shape}, not 32x32x3")
+                raise DataError(f"{archive}: {member.name} decodes to {pixels.shape}, not 32x32x3")
             images[split].append(pixels)
             labels[split].append(CIFAR10_CLASSES.index(label))
     out = {}
     for split in ("train", "test"):
         if not images[split]:
-            raise ValueError(f"{archive}: no {split}/<class>/*.jpg images")
+            raise DataError(f"{archive}: no {split}/<class>/*.jpg images")
         stacked = torch.from_numpy(np.stack(images[split])).permute(0, 3, 1, 2).contiguous()
         out[split] = ImageSplit(stacked, torch.tensor(labels[split], dtype=torch.int64))
     return out
@@ -103,15 +112,15 @@ def _decode_cifar_archive(archive: Path) -> dict[str, ImageSplit]:
 def _read_idx(path: Path, *, expected_ndim: int) -> Tensor:
     """An IDX file (the MNIST format): big-endian magic ``0x0000 08 ndim``, dims, then uint8."""
     if not path.is_file():
-        raise FileNotFoundError(f"dataset file not found: {path}")
+        raise MissingDataError(f"dataset file not found: {path}")
     raw = gzip.decompress(path.read_bytes())
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or raw[3] != expected_ndim:
-        raise ValueError(f"{path}: not an IDX file of {expected_ndim} uint8 dimension(s)")
+        raise DataError(f"{path}: not an IDX file of {expected_ndim} uint8 dimension(s)")
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(expected_ndim)]
     offset = 4 + 4 * expected_ndim
     count = int(np.prod(dims))
     if len(raw) != offset + count:
-        raise ValueError(f"{path}: header says {dims} but holds {len(raw) - offset} bytes")
+        raise DataError(f"{path}: header says {dims} but holds {len(raw) - offset} bytes")
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims).copy())
 
 

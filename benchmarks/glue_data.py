@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.datasets import DataError, MissingDataError
+
 
 @dataclass(frozen=True)
 class GlueSpec:
@@ -51,7 +53,7 @@ def read_split(data_dir: str | Path, task: str, split: str) -> GlueSplit:
     spec = SPECS[task]
     path = Path(data_dir) / "glue" / spec.folder / f"{split}.tsv"
     if not path.is_file():
-        raise FileNotFoundError(f"GLUE {task} {split} split not found: {path}")
+        raise MissingDataError(f"GLUE {task} {split} split not found: {path}")
     with path.open(encoding=spec.encoding, newline="") as handle:
         rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))
     if spec.header:
@@ -62,7 +64,7 @@ def read_split(data_dir: str | Path, task: str, split: str) -> GlueSplit:
         if not row:
             continue
         if len(row) < width:
-            raise ValueError(f"{path}, line {line}: expected at least {width} columns, got {row!r}")
+            raise DataError(f"{path}, line {line}: expected at least {width} columns, got {row!r}")
         texts.append(tuple(row[c] for c in spec.text_columns))
         raw = row[spec.label_column]
         if spec.labels is None:
@@ -70,7 +72,7 @@ def read_split(data_dir: str | Path, task: str, split: str) -> GlueSplit:
         elif raw in spec.labels:
             labels.append(spec.labels.index(raw))
         else:
-            raise ValueError(f"{path}, line {line}: label {raw!r} is not one of {spec.labels}")
+            raise DataError(f"{path}, line {line}: label {raw!r} is not one of {spec.labels}")
     dtype = torch.float32 if spec.labels is None else torch.int64
     return GlueSplit(texts, torch.tensor(labels, dtype=dtype))
 

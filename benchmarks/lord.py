@@ -67,6 +67,7 @@ import torch
 from torch import nn
 
 from benchmarks import _cli, _results, plots, pretrained
+from benchmarks.datasets import DataError, MissingDataError
 from benchmarks.tasks import lm
 from lorsum.compression import (
     LowRankLinear,
@@ -424,7 +425,7 @@ def run(config: Mapping[str, Any], data_dir: Path) -> dict[str, Any]:
     folder = Path(data_dir) / "wikitext-2"
     for path in (folder / "valid.txt", folder / "test.txt"):
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"WikiText-2 file not found: {path} (the LoRD benchmark calibrates on valid.txt "
                 "and scores test.txt under <data_dir>/wikitext-2; see ../shared/data/README.md)"
             )
@@ -436,7 +437,7 @@ def run(config: Mapping[str, Any], data_dir: Path) -> dict[str, Any]:
     if evaluation["tokens"] is not None:
         test_ids = test_ids[: evaluation["tokens"]]
     if test_ids.numel() < 2:
-        raise ValueError(f"{folder / 'test.txt'} has {test_ids.numel()} tokens: nothing to score")
+        raise DataError(f"{folder / 'test.txt'} has {test_ids.numel()} tokens: nothing to score")
     batches, block_index = calibration_batches(
         lm.token_ids(folder / "valid.txt", tokenizer),
         calibration["blocks"], calibration["seq_len"], calibration["batch"],

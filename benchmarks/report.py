@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks import _results
+from benchmarks import _cli, _results
 from benchmarks.compare import DEFAULT_OUT, summarize
 from benchmarks.tasks import TASKS
 
@@ -36,8 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # fmt: skip
     records = load_runs(args.out_dir)
     if not records:
-        print(f"lorsum report: error: no run files under {args.out_dir}")
-        return 2
+        return _cli.fail(parser.prog, _cli.UserError(f"no run files under {args.out_dir}"))
     text = render(records)
     output = args.output or args.out_dir / "report.md"
     output.parent.mkdir(parents=True, exist_ok=True)

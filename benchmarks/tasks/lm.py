@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from benchmarks import pretrained
+from benchmarks.datasets import DataError, MissingDataError
 from benchmarks.tasks import _finetune
 
 VARIANTS = ("wikitext2-smollm2",)
@@ -147,7 +148,7 @@ def train(
     folder = Path(data_dir) / "wikitext-2"
     for path in (folder / "valid.txt", folder / "test.txt"):
         if not path.is_file():
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"WikiText-2 file not found: {path} (the lm task reads valid.txt and test.txt "
                 "from <data_dir>/wikitext-2; see ../shared/data/README.md)"
             )
@@ -156,7 +157,7 @@ def train(
     blocks = training_blocks(token_ids(folder / "valid.txt", tokenizer), setting.seq_len)
     test = token_ids(folder / "test.txt", tokenizer)[: setting.eval_tokens]
     if test.numel() < 2:
-        raise ValueError(f"{folder / 'test.txt'} has {test.numel()} tokens: nothing to score")
+        raise DataError(f"{folder / 'test.txt'} has {test.numel()} tokens: nothing to score")
     blocks, test = blocks.to(device), test.to(device)
 
     torch.manual_seed(seed)  # the adapters' initialisation and LoRA dropout
@@ -225,7 +226,7 @@ def training_blocks(ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """
     num_blocks = ids.numel() // seq_len
     if num_blocks == 0:
-        raise ValueError(f"{ids.numel()} training tokens: fewer than one block of {seq_len}")
+        raise DataError(f"{ids.numel()} training tokens: fewer than one block of {seq_len}")
     return ids[: num_blocks * seq_len].view(num_blocks, seq_len)
 
 

@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from benchmarks import pretrained
+from benchmarks.datasets import DataError, MissingDataError
 from benchmarks.tasks import _finetune
 
 VARIANTS = ("squad-v2",)
@@ -244,7 +245,7 @@ def load_split(path: str | Path) -> dict[str, list[Question]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"SQuAD v2 file not found: {path} (see ../shared/data/README.md)")
+        raise MissingDataError(f"SQuAD v2 file not found: {path} (see ../shared/data/README.md)")
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _EXAMPLES:
@@ -271,12 +272,10 @@ def _split_articles(path: Path) -> dict[str, list[Question]]:
                         )
                     )
     except (json.JSONDecodeError, KeyError, TypeError, IndexError) as error:
-        raise ValueError(
-            f"{path} is not SQuAD v2 JSON ({type(error).__name__}: {error})"
-        ) from error
+        raise DataError(f"{path} is not SQuAD v2 JSON ({type(error).__name__}: {error})") from error
     for name, questions in parts.items():
         if not questions:
-            raise ValueError(
+            raise DataError(
                 f"{path}: the {name} part is empty (article i goes to eval when "
                 f"i % {EVAL_ARTICLE_EVERY} == {EVAL_ARTICLE_EVERY - 1}; {len(articles)} articles)"
             )
