@@ -145,6 +145,21 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a crash could otherwise undo it); best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory: the rename is still atomic
+    finally:
+        os.close(fd)
 
 
 def load_current(path: Path, config: Mapping[str, Any]) -> dict[str, Any] | None:
