@@ -164,6 +164,34 @@ def _distributed_errors() -> dict[str, str]:
         lorsum.create_optimizer(model, "lorsum", step_in_backward=True)
     except ValueError as error:
         messages["step_in_backward"] = str(error)
+
+    from torch.distributed.fsdp import fully_shard
+
+    for method in ("lorsum", "precond_adamw"):
+        # Built after sharding (the Trainer's order): the DTensor factors are refused at once.
+        model, _ = make_model()
+        for index in (0, 2, 4):
+            fully_shard(model[index])
+        try:
+            lorsum.create_optimizer(model, method)
+        except NotImplementedError as error:
+            messages[f"fsdp2-{method}"] = str(error)
+    # Built before sharding, its groups' entries then swapped for the DTensors (accelerate's
+    # order): refused at the first step.
+    model, _ = make_model()
+    optimizer = lorsum.create_optimizer(model, "lorsum")
+    for index in (0, 2, 4):
+        fully_shard(model[index])
+    sharded = dict(model.named_parameters())
+    for group in optimizer.param_groups:
+        if group["kind"] == "lora":
+            group["params"] = [sharded[f"{group['name']}.lora_A.weight"],
+                               sharded[f"{group['name']}.lora_B.weight"]]  # fmt: skip
+    try:
+        optimizer.step()
+    except NotImplementedError as error:
+        messages["fsdp2-swapped"] = str(error)
+    optimizer.capture.remove()
     return messages
 
 
@@ -271,6 +299,30 @@ def test_the_reducer_averages_in_one_collective_per_dtype(ranks):
         assert torch.allclose(info["same"][1], torch.full((4,), mean))
         assert info["mixed"][1].dtype == torch.float32
         assert torch.allclose(info["mixed"][1], torch.tensor([(world + 1) / 2]))
+
+
+@pytest.mark.parametrize("key", ["fsdp2-lorsum", "fsdp2-precond_adamw", "fsdp2-swapped"])
+def test_fsdp2_factors_are_refused_with_advice(ranks, key):
+    message = ranks[0]["errors"].get(key, "")
+    assert "has a DTensor factor of shape" in message, message
+    assert "train with DistributedDataParallel" in message
+
+
+def test_deepspeed_flattened_groups_are_refused():
+    model, _ = make_model()
+    optimizer = lorsum.create_optimizer(model, "lorsum")
+    group = optimizer.param_groups[0]
+    group["params"] = [torch.cat([p.detach().reshape(-1) for p in group["params"]])]
+    with pytest.raises(NotImplementedError, match=r"holds 1 parameters instead of \[A, B\]"):
+        optimizer.step()
+    optimizer.capture.remove()
+
+
+def test_deepspeed_zero3_partitions_are_refused():
+    model, pairs = make_model()
+    pairs[0].A.ds_id = 7  # what ZeRO-3 tags its partitioned parameters with
+    with pytest.raises(NotImplementedError, match=r"DeepSpeed ZeRO-partitioned factor \(ds_id=7\)"):
+        lorsum.create_optimizer(model, "precond_sgd")
 
 
 def test_process_group_is_validated():

@@ -201,15 +201,16 @@ class LoRAOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step for every group. ``closure`` re-evaluates the loss (under ``enable_grad``)."""
+        for group in self.param_groups:
+            if group["kind"] == "lora":
+                # FSDP2 (via accelerate) and DeepSpeed swap the entries of param_groups after
+                # construction, so the check at add_param_group is not enough.
+                check_unsharded(group["name"], *group["params"])
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         captured = self._take_captures()
-        for group in self.param_groups:
-            if group["kind"] == "lora":
-                # FSDP2 and DeepSpeed swap the entries of param_groups after construction.
-                check_unsharded(group["name"], *group["params"])
         reducer = self.reducer if self.needs_capture else None
         if self.max_grad_norm is not None:
             if reducer is not None:
