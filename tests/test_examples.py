@@ -32,3 +32,16 @@ def test_peft_example_trains():
     pytest.importorskip("peft")
     losses = _run("peft_lorsum.py")
     assert losses[-1] < losses[0]
+
+
+def test_torchrun_example_trains_two_identical_ranks():
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(EXAMPLES / "torchrun_lorsum.py")],
+        capture_output=True, text=True, timeout=300, check=False, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [float(v) for v in re.findall(r"loss\s+([0-9.]+)", result.stdout)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert "ranks hold identical factors: True" in result.stdout

@@ -66,6 +66,10 @@ class CapturedGradient:
         output_grad_sq_sum: ``Σ_t s_t ∘ s_t`` (m,), likewise.
         input_gram: ``XᵀX`` (n, n) when dense statistics were requested.
         output_grad_gram: ``SᵀS`` (m, m), likewise.
+        averaged: ``dense`` is already the mean over the data-parallel ranks (set by a
+            distributed optimizer step); otherwise the gradient is this process's own.
+        global_num_rows: ``Σ_k N_k`` over the ranks as a 0-d tensor, once a distributed step has
+            reduced it (``None`` before, or on one process).
     """
 
     rows: list[tuple[Tensor, Tensor]] = field(default_factory=list)
@@ -75,6 +79,8 @@ class CapturedGradient:
     output_grad_sq_sum: Tensor | None = None
     input_gram: Tensor | None = None
     output_grad_gram: Tensor | None = None
+    averaged: bool = False
+    global_num_rows: Tensor | None = None
 
     def terms(self) -> list[Any]:
         """The gradient as :func:`lorsum.functional.lorsum` terms: pairs ``(Sᵀ, X)`` or ``D``."""

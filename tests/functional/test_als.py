@@ -679,3 +679,74 @@ def test_a_stack_must_carry_the_same_leading_dims_everywhere():
         lorsum([(B0, A0), (torch.zeros(3, 5, 7), torch.zeros(7, 4))], [1.0, 1.0], (B0, A0))
     with pytest.raises(ValueError, match=r"metric_in has shape \(4,\); expected \(3, 4\)"):
         lorsum([(B0, A0)], [1.0], (B0, A0), metric_in=torch.ones(4))
+
+
+class _ThreadMean:
+    """A ``reduce`` for ``K`` threads standing in for ranks: each call returns their mean."""
+
+    def __init__(self, world: int) -> None:
+        import threading
+
+        self.world = world
+        self.barrier = threading.Barrier(world)
+        self.slots: list[list[torch.Tensor] | None] = [None] * world
+
+    def for_rank(self, rank: int):
+        def reduce(tensors):
+            self.slots[rank] = list(tensors)
+            self.barrier.wait()
+            mean = [sum(s[i] for s in self.slots) / self.world for i in range(len(tensors))]
+            self.barrier.wait()  # nobody overwrites a slot before every rank has read them all
+            return mean
+
+        return reduce
+
+
+@pytest.mark.parametrize("num_iters", [0, 1, 3])
+@pytest.mark.parametrize("world", [2, 3])
+def test_reduced_local_terms_fit_the_global_target(num_iters, world):
+    import threading
+
+    m, n, r, rows = 9, 7, 2, 4
+    B0, A0 = randn(m, r, seed=1), randn(r, n, seed=2)
+    S = [randn(rows, m, seed=10 + k) for k in range(world)]
+    X = [randn(rows, n, seed=20 + k) for k in range(world)]
+    metric_out, metric_in = randn(m, seed=3).abs() + 0.5, randn(n, seed=4).abs() + 0.5
+    options = {"num_iters": num_iters, "damping": 1e-2, "metric_out": metric_out}
+    options["metric_in"] = metric_in
+    # The global target averages the ranks' gradients (DDP's mean): rows S_k / K.
+    expected = lorsum(
+        [(B0, A0), (torch.cat(S).T / world, torch.cat(X))], [1.0, -0.3], (B0, A0), **options
+    )
+    reducer, results = _ThreadMean(world), [None] * world
+
+    def run(rank):
+        results[rank] = lorsum(
+            [(B0, A0), (S[rank].T, X[rank])],
+            [1.0, -0.3],
+            (B0, A0),
+            reduce=reducer.for_rank(rank),
+            local_terms=[1],
+            **options,
+        )
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for B, A in results:
+        err = ref.rel_err(B @ A, expected[0] @ expected[1])
+        assert err <= 1e-10, f"world {world}, num_iters {num_iters}: rel_err {err:.3e} > 1e-10"
+
+
+def test_local_terms_need_a_reduce():
+    B0, A0, X, S = lora_problem(5, 4, 2, 3, seed=0)
+    with pytest.raises(ValueError, match=r"local_terms=\[1\] needs reduce"):
+        lorsum([(B0, A0), (S.T, X)], [1.0, -0.1], (B0, A0), local_terms=[1])
+    with pytest.raises(ValueError, match=r"Invalid local_terms index 2 \(there are 2 terms\)"):
+        lorsum([(B0, A0), (S.T, X)], [1.0, -0.1], (B0, A0), local_terms=[2], reduce=list)
+    with pytest.raises(ValueError, match=r"an index is repeated"):
+        lorsum([(B0, A0), (S.T, X)], [1.0, -0.1], (B0, A0), local_terms=[1, 1], reduce=list)
+    with pytest.raises(TypeError, match=r"reduce must be callable or None, got int"):
+        lorsum([(B0, A0), (S.T, X)], [1.0, -0.1], (B0, A0), local_terms=[1], reduce=3)

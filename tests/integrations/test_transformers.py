@@ -250,9 +250,12 @@ def test_trainer_clipping_with_a_capture_based_optimizer_warns():
     check_training_arguments(args_namespace(), "lorsum")
 
 
-def test_distributed_training_is_refused():
-    with pytest.raises(NotImplementedError, match=r"world_size=2"):
-        check_training_arguments(args_namespace(world_size=2), "lorsum")
+def test_data_parallel_in_one_process_fsdp_and_deepspeed_are_refused():
+    check_training_arguments(args_namespace(world_size=2, n_gpu=1), "lorsum")  # DDP: exact
+    with pytest.raises(NotImplementedError, match=r"n_gpu=2 in one process means nn.DataParallel"):
+        check_training_arguments(args_namespace(n_gpu=2), "lorsum")
+    with pytest.raises(NotImplementedError, match=r"deepspeed='ds.json'.*use DDP"):
+        check_training_arguments(args_namespace(deepspeed="ds.json"), "lorsum")
     with pytest.raises(NotImplementedError, match=r"fsdp='full_shard'"):
         check_training_arguments(args_namespace(fsdp="full_shard"), "precond_sgd")
     check_training_arguments(args_namespace(fsdp="full_shard"), "adamw")  # torch's own AdamW

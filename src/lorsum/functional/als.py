@@ -6,7 +6,7 @@ Reference: "Beyond SGD, Without SVD" (LoRSum), arXiv:2602.16456, and ``shared/sp
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -17,6 +17,9 @@ from lorsum.functional.linalg import default_compute_dtype, prox_solve
 from lorsum.functional.terms import FactoredSum, Term, _check_matrix
 
 __all__ = ["lorsum", "lorsum_iterates"]
+
+Reduce = Callable[[list[Tensor]], list[Tensor]]
+"""Averages each tensor of a list over the data-parallel ranks (shapes and dtypes kept)."""
 
 
 def lorsum(
@@ -30,6 +33,8 @@ def lorsum(
     metric_in: Tensor | None = None,  # (…, n) diagonal or (…, n, n) SPD
     tol: float = 0.0,
     compute_dtype: torch.dtype | None = None,
+    reduce: Reduce | None = None,  # averages half-step products over the data-parallel ranks
+    local_terms: Sequence[int] = (),  # indices of the terms that hold one rank's share of T
 ) -> tuple[Tensor, Tensor]:
     r"""Rank-r fit ``B A ≈ T = Σ_i w_i P_i Q_i`` by alternating least squares, never forming ``T``.
 
@@ -76,6 +81,16 @@ def lorsum(
     r×r factorisation per half-step (the weights are shared by the stack). This is how an
     optimizer steps many same-shape layers without a Python loop over them.
 
+    Data parallelism: when the gradient terms are split over ranks (each holds the rows of its
+    own batch, and the global target has ``(1/K) Σ_k`` of them, DDP's mean), pass their indices as
+    ``local_terms`` and a ``reduce`` that averages a list of tensors over the ranks (for example
+    :class:`lorsum.distributed.MeanReducer`). Every half-step then takes the products with the
+    replicated terms (the anchor ``(B0, A0)``, a momentum) locally and averages only the local
+    terms' share, ``Bᵀ M_out T_loc`` (``r × n``) or ``T_loc M_in Aᵀ`` (``m × r``), in one call for
+    the whole stack (both shares in one call for ``num_iters = 0``). The metrics, the init and
+    every replicated term must be equal on all ranks; the result then is too, and equals the fit
+    of the global target. ``tol > 0`` stays consistent because the change it reads is replicated.
+
     Numerics: everything runs in ``compute_dtype`` (default: the promoted dtype of all inputs,
     at least float32); the outputs are cast once, ``B`` to the dtype of ``B0``, ``A`` to ``A0``'s.
 
@@ -93,13 +108,18 @@ def lorsum(
             ``tol``; ``0`` (default) always runs ``num_iters`` sweeps and never reads a value back
             from the device.
         compute_dtype: dtype of all arithmetic; must be floating. Default: see Numerics.
+        reduce: ``reduce(list_of_tensors) -> list_of_tensors``, the mean over ranks of each
+            tensor (shapes kept); ``None`` (default): a single-process fit.
+        local_terms: indices into ``terms`` of the rank-local terms (default: none). Needs
+            ``reduce``; every other term is replicated.
 
     Returns:
         ``(B (m, r), A (r, n))`` in the dtypes of ``(B0, A0)``.
 
     Raises:
         ValueError: inconsistent shapes, ``len(terms) != len(weights)``, negative or non-finite
-            ``damping`` or ``tol``, negative ``num_iters``, wrong metric shapes, mixed devices.
+            ``damping`` or ``tol``, negative ``num_iters``, wrong metric shapes, mixed devices,
+            ``local_terms`` out of range or repeated, or ``local_terms`` without ``reduce``.
         TypeError: non-tensor or non-floating inputs, a non-integer ``num_iters``.
 
     Example:
@@ -118,11 +138,12 @@ def lorsum(
         added to the Cholesky factorisation, and the metric target is passed in by the caller.
     """
     _check_options(num_iters=num_iters, damping=damping, tol=tol)
-    problem = _Problem.build(terms, weights, init, damping, metric_out, metric_in, compute_dtype)
+    problem = _Problem.build(
+        terms, weights, init, damping, metric_out, metric_in, compute_dtype, reduce, local_terms
+    )
     num_iters = int(num_iters)
     if num_iters == 0:
-        A, B = _update_A(problem, problem.B0), _update_B(problem, problem.A0)
-        return problem.cast_out(B, A)
+        return problem.cast_out(*_jacobi(problem))
     B, A = problem.B0, problem.A0
     for _ in range(num_iters):
         A_new = _update_A(problem, B)
@@ -154,9 +175,11 @@ def lorsum_iterates(
     objective after each half-step never increases) without re-running the earlier sweeps.
     """
     _check_options(num_iters=num_iters, damping=damping, tol=0.0)
-    problem = _Problem.build(terms, weights, init, damping, metric_out, metric_in, compute_dtype)
+    problem = _Problem.build(
+        terms, weights, init, damping, metric_out, metric_in, compute_dtype, None, ()
+    )
     if num_iters == 0:
-        yield problem.cast_out(_update_B(problem, problem.A0), _update_A(problem, problem.B0))
+        yield problem.cast_out(*_jacobi(problem))
         return
     B = problem.B0
     for _ in range(num_iters):
@@ -170,7 +193,9 @@ def lorsum_iterates(
 class _Problem:
     """The validated inputs of one LoRSum call, in the compute dtype."""
 
-    target: FactoredSum
+    target: FactoredSum  # the replicated terms (all of them on one process)
+    local: FactoredSum | None  # the rank-local terms, whose products are averaged by `reduce`
+    reduce: Reduce | None
     B0: Tensor  # (m, r)
     A0: Tensor  # (r, n)
     damping: float
@@ -188,6 +213,8 @@ class _Problem:
         metric_out: Tensor | None,
         metric_in: Tensor | None,
         compute_dtype: torch.dtype | None,
+        reduce: Reduce | None,
+        local_terms: Sequence[int],
     ) -> _Problem:
         if not isinstance(init, tuple | list) or len(init) != 2:
             raise TypeError(f"init must be a pair (B0, A0), got {type(init).__name__}")
@@ -213,11 +240,23 @@ class _Problem:
             compute_dtype = default_compute_dtype(*given)
         elif not isinstance(compute_dtype, torch.dtype) or not compute_dtype.is_floating_point:
             raise TypeError(f"compute_dtype must be a floating torch.dtype, got {compute_dtype!r}")
-        target = FactoredSum.from_terms(
-            terms, weights, (m, n), dtype=compute_dtype, device=B0.device, batch=batch
-        )
+        local = _check_local_terms(terms, weights, reduce, local_terms)
+        place = {"dtype": compute_dtype, "device": B0.device, "batch": batch}
+        local_sum = None
+        if not local:
+            target = FactoredSum.from_terms(terms, weights, (m, n), **place)
+        else:
+            shared = [i for i in range(len(terms)) if i not in local]
+            target = FactoredSum.from_terms(
+                [terms[i] for i in shared], [weights[i] for i in shared], (m, n), **place
+            )
+            local_sum = FactoredSum.from_terms(
+                [terms[i] for i in local], [weights[i] for i in local], (m, n), **place
+            )
         return _Problem(
             target=target,
+            local=local_sum,
+            reduce=reduce,
             B0=B0.to(compute_dtype),
             A0=A0.to(compute_dtype),
             damping=float(damping),
@@ -234,18 +273,71 @@ class _Problem:
 def _update_A(problem: _Problem, B: Tensor) -> Tensor:
     """A-half-step: ``A = (BᵀM_out B + λI)⁻¹ (BᵀM_out T + λA0)``; ``B (m, r)`` → ``A (r, n)``."""
     MB = _metric_times(problem.metric_out, B)  # M_out B        (m, r)
-    gram = B.mT @ MB  # BᵀM_out B                                 (r, r)
-    rhs = problem.target.rmatmul(MB)  # BᵀM_out T                 (r, n)
-    return prox_solve(gram, rhs, problem.A0, problem.damping)
+    rhs = problem.target.rmatmul(MB)  # BᵀM_out T               (r, n)
+    if problem.local is not None:
+        rhs = rhs + problem.reduce([problem.local.rmatmul(MB)])[0]  # type: ignore[misc]
+    return _solve_A(problem, B, MB, rhs)
 
 
 def _update_B(problem: _Problem, A: Tensor) -> Tensor:
     """B-half-step: ``B = (T M_in Aᵀ + λB0)(A M_in Aᵀ + λI)⁻¹``; ``A (r, n)`` → ``B (m, r)``."""
     MAt = _metric_times(problem.metric_in, A.mT)  # M_in Aᵀ      (n, r)
-    gram = A @ MAt  # A M_in Aᵀ                                   (r, r)
     rhs = problem.target.matmul(MAt)  # T M_in Aᵀ                 (m, r)
+    if problem.local is not None:
+        rhs = rhs + problem.reduce([problem.local.matmul(MAt)])[0]  # type: ignore[misc]
+    return _solve_B(problem, A, MAt, rhs)
+
+
+def _jacobi(problem: _Problem) -> tuple[Tensor, Tensor]:
+    """``num_iters = 0``: both half-steps from the init, their local shares in one reduction."""
+    B0, A0 = problem.B0, problem.A0
+    MB = _metric_times(problem.metric_out, B0)
+    MAt = _metric_times(problem.metric_in, A0.mT)
+    rhs_A, rhs_B = problem.target.rmatmul(MB), problem.target.matmul(MAt)
+    if problem.local is not None:
+        shares = problem.reduce([problem.local.rmatmul(MB), problem.local.matmul(MAt)])  # type: ignore[misc]
+        rhs_A, rhs_B = rhs_A + shares[0], rhs_B + shares[1]
+    return _solve_B(problem, A0, MAt, rhs_B), _solve_A(problem, B0, MB, rhs_A)
+
+
+def _solve_A(problem: _Problem, B: Tensor, MB: Tensor, rhs: Tensor) -> Tensor:
+    gram = B.mT @ MB  # BᵀM_out B                                 (r, r)
+    return prox_solve(gram, rhs, problem.A0, problem.damping)
+
+
+def _solve_B(problem: _Problem, A: Tensor, MAt: Tensor, rhs: Tensor) -> Tensor:
+    gram = A @ MAt  # A M_in Aᵀ                                   (r, r)
     # Solved on the transposed system (A M_in Aᵀ + λI) Bᵀ = (T M_in Aᵀ + λB0)ᵀ.
     return prox_solve(gram, rhs.mT, problem.B0.mT, problem.damping).mT
+
+
+def _check_local_terms(
+    terms: Sequence[Term],
+    weights: Sequence[float | Tensor],
+    reduce: Reduce | None,
+    local_terms: Sequence[int],
+) -> list[int]:
+    """``local_terms`` as a sorted list of valid, distinct term indices."""
+    if reduce is not None and not callable(reduce):
+        raise TypeError(f"reduce must be callable or None, got {type(reduce).__name__}")
+    if isinstance(terms, Tensor) or not isinstance(terms, Sequence):
+        return []  # FactoredSum.from_terms raises the precise error
+    if isinstance(weights, Sequence) and len(weights) != len(terms):
+        return []  # likewise
+    local = list(local_terms)
+    for index in local:
+        if isinstance(index, bool) or not isinstance(index, Integral):
+            raise TypeError(f"local_terms must hold term indices (ints), got {index!r}")
+        if not 0 <= index < len(terms):
+            raise ValueError(f"Invalid local_terms index {index} (there are {len(terms)} terms)")
+    if len(set(local)) != len(local):
+        raise ValueError(f"Invalid local_terms: {local_terms!r} (an index is repeated)")
+    if local and reduce is None:
+        raise ValueError(
+            f"local_terms={local_terms!r} needs reduce: rank-local terms must be averaged over "
+            "the ranks, or the fit would use this rank's share of the target only"
+        )
+    return sorted(int(i) for i in local)
 
 
 def _metric_times(metric: Tensor | None, X: Tensor) -> Tensor:

@@ -36,9 +36,13 @@ What the Trainer does around ``optimizer.step()``, and what it means for capture
   LoRSum take a proportionally larger step. Pass ``compute_loss_func`` or scale ``lr``.
 * **Checkpoints** save ``optimizer.state_dict()`` (tensors only) and reload it with
   ``weights_only=True``.
-* **Distributed training** (DDP, DataParallel, FSDP, DeepSpeed) is not supported by the capture
-  yet: the captured statistics are local to each process. :class:`OptimizerFactory` refuses a
-  multi-process run and :func:`check_training_arguments` refuses such arguments.
+* **Distributed training.** Under DDP (``torchrun`` or ``accelerate launch`` with several
+  processes, no ``fsdp``/``deepspeed``) the capture-based optimizers average each layer's
+  captured gradient over the ranks exactly as DDP averages ``.grad`` (``process_group="auto"``,
+  see ``docs/distributed.md``): every rank takes the step of one process on the global batch.
+  ``nn.DataParallel`` (several GPUs in one process) is refused: its replicas share the
+  capture's hooks. FSDP and DeepSpeed shard or flatten the LoRA factors and are refused too
+  (:func:`check_training_arguments`, and at the optimizer's first step).
 
 ``trainer.optimizer`` may be accelerate's wrapper; the lorsum optimizer is then
 ``trainer.optimizer.optimizer``. Remove the capture's hooks after training with
@@ -90,13 +94,11 @@ class OptimizerFactory:
             The optimizer; for capture-based methods ``optimizer.capture`` holds the model's hooks.
 
         Raises:
-            NotImplementedError: a capture-based method in a multi-process run.
             ValueError: as :func:`lorsum.create_optimizer`.
+            NotImplementedError: the model's LoRA factors are sharded (FSDP2).
         """
         from lorsum.factory import create_optimizer
 
-        if method in CAPTURE_METHODS:
-            _check_single_process(method)
         return create_optimizer(model, method, **hparams)
 
 
@@ -137,9 +139,10 @@ def check_training_arguments(args: Any, optimizer: str | torch.optim.Optimizer =
         optimizer: the optimizer given to the Trainer, or the method name (default: ``"lorsum"``).
 
     Raises:
-        NotImplementedError: a capture-based optimizer with several processes or devices
-            (DDP, DataParallel), or any lorsum optimizer with FSDP or DeepSpeed, whose flattened
-            or sharded parameters break the one-pair-per-group layout.
+        NotImplementedError: a capture-based optimizer with ``nn.DataParallel`` (``n_gpu > 1`` in
+            one process), or any lorsum optimizer with FSDP or DeepSpeed, whose flattened or
+            sharded parameters break the one-pair-per-group layout. DDP (``world_size > 1``)
+            is supported.
 
     Warns:
         UserWarning: ``max_grad_norm > 0`` with a capture-based optimizer (see the module
@@ -157,12 +160,13 @@ def check_training_arguments(args: Any, optimizer: str | torch.optim.Optimizer =
         raise NotImplementedError(
             "lorsum optimizers need whole A and B factors in one group per pair; FSDP "
             f"(fsdp={args.fsdp!r}) and DeepSpeed (deepspeed={args.deepspeed!r}) flatten or "
-            "shard them"
+            "shard them: use DDP (launch several processes without fsdp or deepspeed)"
         )
-    if captures and (args.world_size > 1 or getattr(args, "n_gpu", 1) > 1):
+    if captures and getattr(args, "n_gpu", 1) > 1:
         raise NotImplementedError(
-            f"the gradient capture is per process; world_size={args.world_size}, "
-            f"n_gpu={args.n_gpu}: multi-device training would step each process differently"
+            f"n_gpu={args.n_gpu} in one process means nn.DataParallel, whose replicas share the "
+            "gradient capture's hooks; launch one process per device (torchrun or accelerate "
+            "launch), which is DDP and exact"
         )
     if captures and args.max_grad_norm > 0:
         warnings.warn(
@@ -171,13 +175,4 @@ def check_training_arguments(args: Any, optimizer: str | torch.optim.Optimizer =
             "max_grad_norm to the lorsum optimizer, which clips the full gradient",
             UserWarning,
             stacklevel=2,
-        )
-
-
-def _check_single_process(method: str) -> None:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_world_size() > 1:
-        raise NotImplementedError(
-            f"method {method!r} steps with a per-process gradient capture; "
-            f"world_size={torch.distributed.get_world_size()} is not supported yet"
         )

@@ -23,6 +23,7 @@ from torch.optim.adam import adam as torch_adam
 from torch.optim.sgd import sgd as torch_sgd
 
 from lorsum.capture import CapturedGradient, GradientCapture
+from lorsum.distributed import MeanReducer, check_unsharded, resolve_process_group
 
 __all__ = ["LoRAOptimizer"]
 
@@ -64,6 +65,14 @@ class LoRAOptimizer(Optimizer):
             that capture the full gradient, without gradient accumulation (a second backward
             with no ``step()`` or ``zero_grad()`` in between raises) and without
             ``max_grad_norm`` (a global norm needs every gradient first). Default: ``False``.
+        process_group: the data-parallel group whose ranks' captured gradients are averaged
+            (DDP's convention for ``.grad``) before they are used, see :mod:`lorsum.distributed`:
+            ``"auto"`` (default) the default group when ``torch.distributed`` is initialised
+            with more than one rank, resolved at every step; ``None`` never (each process steps
+            from its own gradient); or an explicit ``ProcessGroup``. Only the optimizers that
+            capture the full gradient use it: the others step with ``.grad``, which DDP has
+            already averaged. Every rank must step the same pairs in the same order (as DDP
+            requires anyway); ``step_in_backward=True`` is refused with more than one rank.
     """
 
     needs_capture = False
@@ -76,6 +85,7 @@ class LoRAOptimizer(Optimizer):
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
         step_in_backward: bool = False,
+        process_group: Any = "auto",
     ) -> None:
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
@@ -90,6 +100,11 @@ class LoRAOptimizer(Optimizer):
         self.capture = capture  # plumbing, never serialised
         self.max_grad_norm = max_grad_norm
         self.step_in_backward = step_in_backward
+        resolve_process_group(process_group)  # validates it now; "auto" is resolved per step
+        self.process_group = process_group  # plumbing, never serialised
+        self._reducers: dict[Any, MeanReducer] = {}  # one per group, so its counters persist
+        if step_in_backward:
+            self._refuse_step_in_backward_if_distributed()
         # Position in param_groups of each pair's group, keyed by B: positions survive
         # load_state_dict, which replaces the group dicts themselves.
         self._pair_group_index: dict[Tensor, int] = {}
@@ -156,6 +171,7 @@ class LoRAOptimizer(Optimizer):
                 f"LoRA group {name!r}: expected [A (r, n), B (m, r)], got shapes "
                 f"{tuple(A.shape)} and {tuple(B.shape)}"
             )
+        check_unsharded(name, A, B)
         scaling = group.setdefault("lora_scaling", 1.0)
         if not (isinstance(scaling, int | float) and math.isfinite(scaling) and scaling > 0):
             raise ValueError(f"LoRA group {name!r}: invalid lora_scaling {scaling!r} (must be > 0)")
@@ -214,12 +230,22 @@ class LoRAOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step for every group. ``closure`` re-evaluates the loss (under ``enable_grad``)."""
+        for group in self.param_groups:
+            if group["kind"] == "lora":
+                # FSDP2 (via accelerate) and DeepSpeed swap the entries of param_groups after
+                # construction, so the check at add_param_group is not enough.
+                check_unsharded(group["name"], *group["params"])
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         captured = self._take_captures()
+        reducer = self.reducer if self.needs_capture else None
         if self.max_grad_norm is not None:
+            if reducer is not None:
+                # ‖Σ_k G_k‖² has cross-rank terms ⟨G_k, G_l⟩ that no rank can form from its own
+                # rows: average the dense gradients (m·n per layer) and step from those.
+                self._average_dense_(list(captured.values()), reducer)
             self._clip_(captured)
         work: list[PairWork] = []
         for group in self.param_groups:
@@ -250,6 +276,7 @@ class LoRAOptimizer(Optimizer):
             return  # captured, but not one of this optimizer's pairs
         group = self.param_groups[index]
         capture = cast(GradientCapture, self.capture)  # set: step_in_backward requires it
+        self._refuse_step_in_backward_if_distributed()
         if B in self._stepped_in_backward and not capture.gradient_was_zeroed(B):
             raise RuntimeError(
                 f"LoRA pair {group['name']!r}: a second backward() reached it with no step() "
@@ -263,6 +290,49 @@ class LoRAOptimizer(Optimizer):
         with torch.no_grad():
             self._step_lora_groups([(group, group["params"][0], B, captured)])
         self._stepped_in_backward.add(B)
+
+    # --- data parallelism ------------------------------------------------------------------
+
+    @property
+    def reducer(self) -> MeanReducer | None:
+        """The :class:`~lorsum.distributed.MeanReducer` of this step's process group, or ``None``.
+
+        ``None`` on one process, with ``process_group=None``, or for optimizers that step with
+        ``.grad`` (DDP averages it). Its ``bytes_reduced`` counts what the optimizer sent.
+        """
+        group = resolve_process_group(self.process_group)
+        if group is None:
+            return None
+        if group not in self._reducers:
+            self._reducers[group] = MeanReducer(group)
+        return self._reducers[group]
+
+    def _reducer_for(self, captured: CapturedGradient) -> MeanReducer | None:
+        """The reducer for ``captured``'s products; ``None`` once it already is the global mean."""
+        return None if captured.averaged else self.reducer
+
+    @staticmethod
+    def _average_dense_(captured: list[CapturedGradient], reducer: MeanReducer) -> None:
+        """Replace each local gradient by the dense mean over ranks, in one collective.
+
+        For what needs the global ``G`` itself, not products with it: a dense SVD, Shampoo's
+        ``G Gᵀ`` and ``GᵀG``, the norm for clipping. It costs ``m n`` numbers per layer, as
+        DDP of the full weights would.
+        """
+        local = [c for c in captured if not c.averaged]
+        if not local:
+            return
+        for c, dense in zip(local, reducer([c.to_dense() for c in local]), strict=True):
+            c.dense, c.rows, c.averaged = dense, [], True
+
+    def _refuse_step_in_backward_if_distributed(self) -> None:
+        if self.needs_capture and self.reducer is not None:
+            raise ValueError(
+                f"step_in_backward=True with world size {self.reducer.world_size}: stepping "
+                "inside backward() would launch the optimizer's collectives in the middle of "
+                "DDP's own bucketed gradient all-reduce, in an order no rank can guarantee; "
+                "use step_in_backward=False (or process_group=None for independent processes)"
+            )
 
     def _step_lora_groups(self, work: list[PairWork]) -> None:
         """Step every LoRA pair; subclasses that batch same-shape pairs override this."""

@@ -71,6 +71,9 @@ class LoRSum(LoRAOptimizer):
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
         step_in_backward: step each pair inside ``backward()`` and free its captured rows at
             once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
+        process_group: ``"auto"`` (default), ``None`` or a ``ProcessGroup``: average the captured
+            gradients over data-parallel ranks (see :class:`LoRAOptimizer` and
+            ``docs/distributed.md``).
 
     State: ``state[B]["step"]``, ``state[B]["skipped_steps"]``; with momentum the buffer's
     factors ``state[B]["momentum_buffer"] (m, r')`` and ``state[A]["momentum_buffer"] (r', n)``.
@@ -104,6 +107,7 @@ class LoRSum(LoRAOptimizer):
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
         step_in_backward: bool = False,
+        process_group: Any = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -121,6 +125,7 @@ class LoRSum(LoRAOptimizer):
             capture=capture,
             max_grad_norm=max_grad_norm,
             step_in_backward=step_in_backward,
+            process_group=process_group,
         )
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -158,7 +163,16 @@ class LoRSum(LoRAOptimizer):
         # G_s = s·∂L/∂W per pair, as pairs (Sᵀ, X) or one dense matrix; stacked term by term.
         gradient = _stack_terms([captured.terms() for _, _, _, captured in members])
         B, A = _stack(Bs), _stack(As)
-        options = {"num_iters": group["num_iters"], "compute_dtype": self._compute_dtype(group)}
+        options: dict[str, Any] = {
+            "num_iters": group["num_iters"],
+            "compute_dtype": self._compute_dtype(group),
+        }
+        # Under DDP the gradient terms are this rank's share: every half-step averages their
+        # products over the ranks (the stack's key holds `averaged`, so all members agree).
+        reduce = self._reducer_for(members[0][3])  # type: ignore[arg-type]
+        if reduce is not None:
+            options["reduce"] = reduce
+            options["local_terms"] = range(1, 1 + len(gradient))
         # In product units: B'A' ≈ (1 − η wd) BA − (η/s²) G_s − (η β/s) M, all ∂W-consistent.
         terms: list[Any] = [(B, A), *gradient]
         weights: list[Any] = [1.0 - lr * group["weight_decay"]] + [-lr / s**2] * len(gradient)
@@ -226,7 +240,11 @@ def _stack_key(group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGr
         for t in captured.terms()
     )
     hyperparameters = tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "name"))
-    return (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device, layout, hyperparameters)
+    return (
+        (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device),
+        (layout, captured.averaged),
+        hyperparameters,
+    )
 
 
 def _hashable(value: Any) -> Any:

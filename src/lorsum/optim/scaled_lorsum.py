@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from lorsum.capture import CapturedGradient, GradientCapture
+from lorsum.distributed import MeanReducer
 from lorsum.functional import (
     bias_corrected,
     default_compute_dtype,
@@ -21,6 +22,7 @@ from lorsum.functional import (
 )
 from lorsum.optim._base import (
     LoRAOptimizer,
+    PairWork,
     _check_betas,
     _check_choice,
     _check_count,
@@ -118,6 +120,9 @@ class ScaledLoRSum(LoRAOptimizer):
             scales the output side, so the K-FAC input statistics are unaffected.
         step_in_backward: step each pair inside ``backward()`` and free its captured rows at
             once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
+        process_group: ``"auto"`` (default), ``None`` or a ``ProcessGroup``: average the captured
+            gradients over data-parallel ranks (see :class:`LoRAOptimizer` and
+            ``docs/distributed.md``).
 
     State: ``state[B]["step"]`` (0-d float32), ``state[B]["skipped_steps"]``,
     ``state[B]["metric_out_avg"]`` ``(m,)`` or ``(m, m)``, ``state[A]["metric_in_avg"]`` ``(n,)``
@@ -185,6 +190,7 @@ class ScaledLoRSum(LoRAOptimizer):
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
         step_in_backward: bool = False,
+        process_group: Any = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -207,6 +213,7 @@ class ScaledLoRSum(LoRAOptimizer):
             capture=capture,
             max_grad_norm=max_grad_norm,
             step_in_backward=step_in_backward,
+            process_group=process_group,
         )
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -249,6 +256,52 @@ class ScaledLoRSum(LoRAOptimizer):
                 f"statistics={self.capture.statistics!r}"
             )
 
+    def _step_lora_groups(self, work: list[PairWork]) -> None:
+        reducer = self.reducer
+        if reducer is not None:
+            self._average_statistics_(work, reducer)
+        super()._step_lora_groups(work)
+
+    def _average_statistics_(self, work: list[PairWork], reducer: MeanReducer) -> None:
+        """Make every pair's statistics those of the global batch, in one collective.
+
+        With ``K`` ranks the global gradient is DDP's mean, ``G = Σ_k (S_k/K)ᵀ X_k``: the global
+        rows are ``S_k / K`` and ``X_k``. K-FAC's statistics are sums over rows, so
+        ``Σ s ∘ s`` (or ``SᵀS``) is ``(1/K²) Σ_k`` of the ranks' ones, ``Σ x ∘ x`` (or ``XᵀX``)
+        and the row count ``N`` are plain sums: all-reduced at ``m + n + 1`` numbers per layer
+        (diagonal) or ``m² + n² + 1`` (dense). Shampoo's ``G Gᵀ`` and ``GᵀG`` (or their
+        diagonals) are not sums over rows: they have cross-rank terms ``G_k G_lᵀ``, so ``G``
+        itself is averaged (``m n`` per layer, the smallest exact quantity short of gathering
+        the rows) and every later product with it is local.
+        """
+        items = [(g, c) for g, _, _, c in work if c is not None and c.num_rows > 0]
+        self._average_dense_([c for g, c in items if g["metric"] == "shampoo"], reducer)
+        K = reducer.world_size
+        tensors: list[Tensor] = []
+        layout: list[tuple[CapturedGradient, list[tuple[str, float]]]] = []
+        for group, captured in items:
+            names: list[tuple[str, float]] = []
+            if group["metric"] == "kfac":
+                diagonal = group["metric_form"] == "diagonal"
+                out_name = "output_grad_sq_sum" if diagonal else "output_grad_gram"
+                in_name = "input_sq_sum" if diagonal else "input_gram"
+                # mean over ranks × these factors = the global batch's sums (see above).
+                names = [(out_name, 1.0 / K), (in_name, float(K))]
+                names = [(name, f) for name, f in names if getattr(captured, name) is not None]
+            reference = getattr(captured, names[0][0]) if names else captured.to_dense()
+            count = torch.tensor(
+                float(captured.num_rows), dtype=reference.dtype, device=reference.device
+            )
+            tensors += [count, *(getattr(captured, name) for name, _ in names)]
+            layout.append((captured, names))
+        if not layout:
+            return
+        means = iter(reducer(tensors))
+        for captured, names in layout:
+            captured.global_num_rows = next(means) * K
+            for name, factor in names:
+                setattr(captured, name, next(means) * factor)
+
     def _step_lora_group(
         self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
     ) -> None:
@@ -264,7 +317,11 @@ class ScaledLoRSum(LoRAOptimizer):
         correct = group["bias_correction"]
         compute_dtype = self._compute_dtype(group)
         dtype = compute_dtype or default_compute_dtype(A, B)
-        options = {"num_iters": group["num_iters"], "compute_dtype": compute_dtype}
+        options: dict[str, Any] = {"num_iters": group["num_iters"], "compute_dtype": compute_dtype}
+        reduce = self._reducer_for(captured)
+        if reduce is not None:
+            # Under DDP the gradient term (index 1 in both fits below) is this rank's share.
+            options["reduce"], options["local_terms"] = reduce, (1,)
 
         # Rows of one window in one block: a single solve per metric side preconditions them all.
         rows = _stacked_rows(captured)  # (S (N, m), X (N, n)) or None once folded into G
@@ -362,10 +419,12 @@ def _batch_statistics(
     The capture's rows are ``S = s·∂L/∂Y`` (they carry the LoRA scale), so every statistic that
     is quadratic in ``S`` or ``G`` is divided by ``s²``.
     """
-    s, N = group["lora_scaling"], captured.num_rows
+    s = group["lora_scaling"]
+    # The global batch's row count under DDP (a tensor, never read back), else the local one.
+    N: Any = captured.num_rows if captured.global_num_rows is None else captured.global_num_rows
     diagonal = group["metric_form"] == "diagonal"
     # a undoes a mean-reduced loss's 1/N in each row of S (lorsum.functional.kfac_statistics).
-    a = float(N) if group["loss_reduction"] == "mean" else 1.0 / N
+    a = N * 1.0 if group["loss_reduction"] == "mean" else 1.0 / N
     if group["metric"] == "kfac":
         names = (
             ("output_grad_sq_sum", "input_sq_sum")

@@ -17,6 +17,7 @@ from lorsum.functional import (
 )
 from lorsum.optim._base import (
     LoRAOptimizer,
+    PairWork,
     _check_choice,
     _check_count,
     _check_fraction,
@@ -57,6 +58,9 @@ class SVDLoRA(LoRAOptimizer):
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
         step_in_backward: step each pair inside ``backward()`` and free its captured rows at
             once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
+        process_group: ``"auto"`` (default), ``None`` or a ``ProcessGroup``: average the captured
+            gradients over data-parallel ranks (see :class:`LoRAOptimizer` and
+            ``docs/distributed.md``).
 
     Reference:
         The SVDLoRA baseline of "Beyond SGD, Without SVD", arXiv:2602.16456.
@@ -77,6 +81,7 @@ class SVDLoRA(LoRAOptimizer):
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
         step_in_backward: bool = False,
+        process_group: Any = "auto",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -92,6 +97,7 @@ class SVDLoRA(LoRAOptimizer):
             capture=capture,
             max_grad_norm=max_grad_norm,
             step_in_backward=step_in_backward,
+            process_group=process_group,
         )
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
@@ -100,6 +106,15 @@ class SVDLoRA(LoRAOptimizer):
         _check_choice(group, "svd", ("exact", "randomized"))
         _check_count(group, "oversamples", minimum=0)
         _check_count(group, "power_iters", minimum=0)
+
+    def _step_lora_groups(self, work: list[PairWork]) -> None:
+        reducer = self.reducer
+        if reducer is not None:
+            # The SVD needs the global G itself: average the dense gradients (m·n per layer, one
+            # collective for all of them), as DDP of the full weights would. The baseline pays
+            # the dense cost anyway.
+            self._average_dense_([c for _, _, _, c in work if c is not None], reducer)
+        super()._step_lora_groups(work)
 
     def _step_lora_group(
         self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
