@@ -1,0 +1,556 @@
+"""MkDocs hook: the Results pages, generated at build time from ``benchmarks/results/``.
+
+Nothing on these pages is typed by hand: every table is rendered from the committed JSON files
+(the ``lorsum compare`` summaries and the suites' records, with the suites' own table functions
+where they have one) and every figure is the committed PNG, copied into the site. The hook also
+
+* copies every PNG under ``benchmarks/results/`` to ``results/files/`` in the site, and rewrites
+  links such as ``../benchmarks/results/x.png`` in the hand-written pages (``performance.md``),
+  which must keep working on GitHub too, to those copies;
+* adds ``reliability.md`` and ``distributed.md`` to the navigation when they exist (they are
+  written on other branches; a missing page is simply not listed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from mkdocs.structure.files import File, Files
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results"
+FILES_URI = "results/files"  # where the committed figures land in the site
+
+# Hand-written pages that other branches add; listed in the navigation only if present.
+OPTIONAL_PAGES = (
+    ("Results", "Reliability", "reliability.md"),
+    ("Guides", "Distributed training (exactness)", "distributed.md"),
+)
+
+
+# --- MkDocs events ----------------------------------------------------------------------------
+
+
+def on_config(config: Any) -> Any:
+    if str(REPO) not in sys.path:  # the benchmarks package renders its own tables
+        sys.path.insert(0, str(REPO))
+    docs = Path(config["docs_dir"])
+    for section, title, page in OPTIONAL_PAGES:
+        if (docs / page).exists():
+            _nav_section(config["nav"], section).append({title: page})
+    return config
+
+
+def on_files(files: Files, config: Any) -> Files:
+    for png in sorted(RESULTS.rglob("*.png")):
+        uri = f"{FILES_URI}/{png.relative_to(RESULTS).as_posix()}"
+        files.append(File.generated(config, uri, abs_src_path=str(png)))
+    for uri, render in PAGES.items():
+        files.append(File.generated(config, uri, content=render()))
+    return files
+
+
+_RESULT_LINK = re.compile(r"\]\((?P<path>(?:\.\./)+benchmarks/results/[^)\s]+)\)")
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
+    """Point links into ``benchmarks/results/`` at the copies inside the site."""
+    page_dir = posixpath.dirname(page.file.src_uri)
+    docs = Path(config["docs_dir"]).resolve()
+
+    def relink(match: re.Match[str]) -> str:
+        target = (docs / page_dir / match["path"]).resolve()
+        try:
+            inside = target.relative_to(RESULTS).as_posix()
+        except ValueError:
+            return match[0]
+        copy = f"{FILES_URI}/{inside}"
+        return f"]({posixpath.relpath(copy, page_dir or '.')})"
+
+    return _RESULT_LINK.sub(relink, markdown)
+
+
+def _nav_section(nav: list[Any], title: str) -> list[Any]:
+    for entry in nav:
+        if isinstance(entry, dict) and title in entry:
+            return entry[title]
+    raise KeyError(f"mkdocs.yml has no nav section {title!r}")
+
+
+# --- rendering helpers ------------------------------------------------------------------------
+
+
+def _load(relative: str) -> dict[str, Any]:
+    return json.loads((RESULTS / relative).read_text(encoding="utf-8"))
+
+
+def _table(headers: list[str], rows: Iterable[list[str]]) -> str:
+    from benchmarks._results import markdown_table
+
+    return markdown_table(headers, list(rows))
+
+
+def _figure(relative: str, caption: str) -> str:
+    """A committed PNG (``relative`` to ``benchmarks/results/``), linked from ``results/*.md``."""
+    if not (RESULTS / relative).exists():
+        return ""
+    return f"![{caption}](files/{relative})\n\n*{caption}* (`benchmarks/results/{relative}`)\n"
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    return f"{value:.{digits}g}"
+
+
+def _source(relative: str) -> str:
+    """Provenance of a summary: its file, and the code and machines of the runs it aggregates."""
+    path = RESULTS / relative
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    methods = {m for v in summary["variants"].values() for m in v["methods"]}
+    runs = []
+    for variant in summary["variants"]:
+        for method in methods:
+            runs += (path.parent / f"{summary['task']}-{variant}" / method).glob("lr*-seed*.json")
+    shas, devices, torches = set(), set(), set()
+    for run in runs:
+        record = json.loads(run.read_text(encoding="utf-8"))
+        env = record.get("environment", {})
+        shas.add(str((env.get("git") or {}).get("sha", ""))[:7])
+        devices.add(str(record.get("device", "")))
+        torches.add(str(env.get("versions", {}).get("torch", "")))
+    text = f"Source: `benchmarks/results/{relative}`"
+    if runs:
+        text += (
+            f", aggregating {len(runs)} run files (code {', '.join(sorted(shas))}; device "
+            f"{', '.join(sorted(devices))}; torch {', '.join(sorted(torches))})"
+        )
+    return text + ".\n"
+
+
+def _as_percent(summary: dict[str, Any]) -> bool:
+    """Scores stored as fractions (accuracy, F1, correlation) are shown in %."""
+    if summary.get("metric_mode") != "max":
+        return False
+    values = [
+        abs(e["final_mean"])
+        for v in summary["variants"].values()
+        for e in v["methods"].values()
+        if isinstance(e.get("final_mean"), int | float) and math.isfinite(e["final_mean"])
+    ]
+    return bool(values) and max(values) <= 1.0
+
+
+def summary_section(relative: str, heading: str, *, level: int = 2) -> str:
+    """Tables of one ``lorsum compare`` summary: every variant, best method first."""
+    summary = _load(relative)
+    percent = _as_percent(summary)
+    scale = 100.0 if percent else 1.0
+    mode = summary.get("metric_mode", "min")
+    metric = summary["metric"] + (" (%)" if percent else "")
+    better = "higher" if mode == "max" else "lower"
+    hashes = "#" * level
+    parts = [f"{hashes} {heading}", "", _source(relative)]
+    for variant, data in summary["variants"].items():
+        methods = data["methods"]
+        closure = data.get("gap_closure_vs_lora_sgd", {})
+        seeds = max(len(e["seeds"]) for e in methods.values())
+        parts += [
+            f"{hashes}# {variant}",
+            "",
+            f"Final `{metric}` ({better} is better) at each method's selected learning rate, mean "
+            f"± std over up to {seeds} seed(s); best first.",
+            "",
+        ]
+
+        def key(item: tuple[str, dict[str, Any]]) -> float:
+            value = item[1]["final_mean"]
+            value = value if math.isfinite(value) else math.inf * (1 if mode == "min" else -1)
+            return value if mode == "min" else -value
+
+        rows = []
+        for method, e in sorted(methods.items(), key=key):
+            per_seed = ", ".join(_num(scale * v, 3) for v in e["final_per_seed"])
+            row = [
+                f"`{method}`",
+                f"{e['lr']:g}",
+                f"{_num(scale * e['final_mean'])} ± {_num(scale * e['final_std'], 2)}",
+                per_seed,
+                f"{e['wall_time_s_mean']:.1f}",
+            ]
+            if closure:
+                row.append(f"{closure[method]:.2f}" if method in closure else "")
+            rows.append(row)
+        headers = ["method", "lr", f"final {metric}", "per seed", "s / run"]
+        if closure:
+            headers.append("gap closure")
+        parts += [_table(headers, rows), ""]
+        if closure:
+            parts += [
+                "Gap closure is `(L_LoRA-SGD − L) / (L_LoRA-SGD − L_SVDLoRA)` at the last step: "
+                "1 means SVDLoRA's loss was reached, above 1 that it was passed.",
+                "",
+            ]
+        swept = {m: e["sweep"] for m, e in methods.items() if len(e.get("sweep", [])) > 1}
+        if swept:
+            rates = sorted({s["lr"] for sweep in swept.values() for s in sweep}, reverse=True)
+            sweep_rows = []
+            for method, sweep in swept.items():
+                by_lr = {s["lr"]: s["final_mean"] for s in sweep}
+                cells = [_num(scale * by_lr[lr], 3) if lr in by_lr else "" for lr in rates]
+                sweep_rows.append([f"`{method}`", *cells])
+            parts += [
+                f"Learning-rate sweep, final `{metric}` per rate (seed 0):",
+                "",
+                _table(["method", *(f"{lr:g}" for lr in rates)], sweep_rows),
+                "",
+            ]
+    return "\n".join(parts) + "\n"
+
+
+def _figures(pairs: Iterable[tuple[str, str]]) -> str:
+    return "\n".join(_figure(path, caption) for path, caption in pairs)
+
+
+# --- pages ------------------------------------------------------------------------------------
+
+_GENERATED = (
+    '!!! info "Generated page"\n    Built by `docs/_hooks/results.py` from the committed result '
+    "files when the site is built; nothing here is typed by hand. The setup of each experiment "
+    "is described in the README's results sections and in `lorsum compare --help`.\n"
+)
+
+
+def page_index() -> str:
+    entries = [
+        ("synthetic.md", "Synthetic task", "the paper's low-rank regression, every method"),
+        ("image.md", "Image classification", "LeNet-5 and PatchMLP with rank-16 adapters"),
+        ("glue.md", "GLUE", "MiniLM with LoRA r = 8; quick and full sizes; other adapters"),
+        ("lm.md", "Language modelling", "SmolLM2-135M on WikiText-2"),
+        ("squad.md", "SQuAD v2", "MiniLM with a span head"),
+        ("approximation.md", "Approximation error", "k sweeps against the SVD projection"),
+        ("step-cost.md", "Step cost and memory", "per-step latency, peak memory, state size"),
+        ("../performance.md", "What a step costs", "the cost model and the targets (written)"),
+        ("compression.md", "Compression", "LoRD and TRP"),
+    ]
+    lines = [
+        "# Results",
+        "",
+        _GENERATED,
+        "Every result is a JSON file under `benchmarks/results/`, written by `lorsum compare` "
+        "or a `python -m benchmarks.<suite>` command, with its config, config hash, git SHA, "
+        "versions and per-seed metrics. `lorsum report` renders the same `compare` runs as "
+        "markdown (`benchmarks/results/compare/report.md`).",
+        "",
+        _table(
+            ["page", "what"],
+            ([f"[{title}]({uri})", what] for uri, title, what in entries),
+        ),
+        "",
+        "How to read them, and which method to pick: [Choosing a method](../guides/choosing.md).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def page_synthetic() -> str:
+    summary = _load("compare/synthetic-summary.json")
+    stochastic = summary["variants"]["stochastic"]["methods"]
+    studies = []
+    for sweeps in (1, 2, 8):
+        cells = []
+        for rank in ("", "-r16", "-r32"):
+            e = stochastic.get(f"lorsum-x{sweeps}{rank}")
+            cells.append(f"{_num(e['final_mean'], 3)} ± {_num(e['final_std'], 2)}" if e else "")
+        studies.append([str(sweeps), *cells])
+    return "\n".join(
+        [
+            "# Results: the synthetic task",
+            "",
+            _GENERATED,
+            "A rank-8 model fits a Gaussian target from the balanced rank-r truncation of a "
+            "random init (the paper's linear task). The metric is `‖W − W*‖² − f*`, with `f*` "
+            "the rank-r Eckart–Young residual: 0 is the best any rank-r model can do. The "
+            "deterministic variant uses the full batch and no momentum; the stochastic one "
+            "mini-batches with momentum for the SGD-type methods.",
+            "",
+            _figure("compare/synthetic.png", "Synthetic task: loss curves, mean over seeds"),
+            summary_section("compare/synthetic-summary.json", "Selected learning rates"),
+            "## Momentum rank (stochastic)",
+            "",
+            "LoRSum's low-rank momentum at rank r' (default r' = r), final metric, mean ± std:",
+            "",
+            _table(["sweeps", "r' = r (default)", "r' = 16", "r' = 32"], studies),
+            "",
+            summary_section(
+                "compare-lr-sweep/synthetic-summary.json", "The learning-rate sweep (seed 0)"
+            ),
+        ]
+    )
+
+
+def page_image() -> str:
+    return "\n".join(
+        [
+            "# Results: image classification",
+            "",
+            _GENERATED,
+            "The paper's image task: a network whose linear layers are frozen random bases "
+            "learned through rank-16 adapters; the convolutions are trained by one AdamW for "
+            "every method, so only the LoRA optimizer differs. CIFAR-10 and Fashion-MNIST stand "
+            "in for CIFAR-100.",
+            "",
+            _figure("compare/image.png", "LeNet-5: test accuracy during training"),
+            summary_section("compare/image-summary.json", "LeNet-5"),
+            _figure("compare/image-patchmlp.png", "PatchMLP: test accuracy during training"),
+            summary_section("compare/image-patchmlp-summary.json", "PatchMLP"),
+            "## Learning-rate sweeps",
+            "",
+            summary_section("compare-lr-sweep/image-summary.json", "LeNet-5 sweep", level=3),
+            summary_section(
+                "compare-lr-sweep/image-fashion-patchmlp-summary.json",
+                "PatchMLP sweep, Fashion-MNIST",
+                level=3,
+            ),
+            summary_section(
+                "compare-lr-sweep/image-cifar10-patchmlp-summary.json",
+                "PatchMLP sweep, CIFAR-10",
+                level=3,
+            ),
+            _figures(
+                [
+                    ("compare-lr-sweep/image-fashion-patchmlp-lr.png", "PatchMLP, Fashion-MNIST"),
+                    ("compare-lr-sweep/image-cifar10-patchmlp-lr.png", "PatchMLP, CIFAR-10"),
+                ]
+            ),
+        ]
+    )
+
+
+def page_glue() -> str:
+    return "\n".join(
+        [
+            "# Results: GLUE",
+            "",
+            _GENERATED,
+            "all-MiniLM-L6-v2 with a new head and PEFT LoRA r = 8 on `query` and `value`; the "
+            "head is trained by one AdamW for every method. The quick size trains 2 epochs on a "
+            "fixed subset of 2,000 training examples; the full size 3 epochs on the whole train "
+            "set. The other tasks reuse SST-2's tuned learning rates.",
+            "",
+            _figure("compare/glue.png", "GLUE quick size: dev score during training"),
+            summary_section("compare/glue-summary.json", "Quick size"),
+            "## Full size (seed 0)",
+            "",
+            summary_section("compare-full/glue-mrpc-rte-summary.json", "MRPC and RTE", level=3),
+            summary_section("compare-full/glue-stsb-summary.json", "STS-B", level=3),
+            summary_section("compare-full/glue-cola-summary.json", "CoLA", level=3),
+            _figures(
+                [
+                    ("compare-full/glue-mrpc-rte.png", "Full size, MRPC and RTE"),
+                    ("compare-full/glue-stsb.png", "Full size, STS-B"),
+                    ("compare-full/glue-cola.png", "Full size, CoLA"),
+                ]
+            ),
+            "## Learning-rate sweeps on SST-2",
+            "",
+            _figure(
+                "compare-lr-sweep/glue-sst2-lr-robustness.png",
+                "SST-2: accuracy against learning rate (robustness)",
+            ),
+            summary_section("compare-lr-sweep/glue-sst2-summary.json", "LoRA methods", level=3),
+            summary_section(
+                "compare-lr-sweep/glue-sst2-full-adamw-summary.json", "Full fine-tuning", level=3
+            ),
+            summary_section(
+                "compare-lr-sweep/glue-sst2-adapters-summary.json",
+                "Other adapters (trained by AdamW)",
+                level=3,
+            ),
+            _figure("compare-lr-sweep/glue-sst2-adapters-lr.png", "SST-2: the adapters' sweep"),
+            "## On the CPU",
+            "",
+            summary_section("compare-cpu/glue-sst2-cpu-summary.json", "SST-2 quick, CPU", level=3),
+        ]
+    )
+
+
+def page_lm() -> str:
+    return "\n".join(
+        [
+            "# Results: language modelling",
+            "",
+            _GENERATED,
+            "SmolLM2-135M with LoRA r = 8 on `q_proj` and `v_proj`, trained on WikiText-2 and "
+            "scored by test perplexity.",
+            "",
+            _figure("compare/lm.png", "Quick size: training curves"),
+            summary_section("compare/lm-summary.json", "Quick size"),
+            summary_section("compare-full/lm-summary.json", "Full size (seed 0)"),
+            _figure("compare-full/lm.png", "Full size: training curves"),
+            summary_section(
+                "compare-full/lm-lora-sgd-sweep-summary.json", "Full size, LoRA-SGD's rates"
+            ),
+            summary_section("compare-lr-sweep/lm-summary.json", "Quick-size learning-rate sweep"),
+            _figure("compare-lr-sweep/lm-lr.png", "Quick size: perplexity against rate"),
+        ]
+    )
+
+
+def page_squad() -> str:
+    return "\n".join(
+        [
+            "# Results: SQuAD v2",
+            "",
+            _GENERATED,
+            "MiniLM with LoRA r = 8 and a span head; F1 on held-out questions (SQuAD v2's "
+            "unanswerable share is what answering nothing scores).",
+            "",
+            _figure("compare/squad.png", "Quick size: training curves"),
+            summary_section("compare/squad-summary.json", "Quick size"),
+            summary_section("compare-lr-sweep/squad-summary.json", "Learning-rate sweep"),
+            _figure("compare-lr-sweep/squad-lr.png", "F1 against learning rate"),
+        ]
+    )
+
+
+def page_approximation() -> str:
+    from benchmarks import approx_error
+
+    state = _load("optimizer_state/state.json")
+    state_rows = [
+        [
+            f"`{method}`",
+            f"{s['state_MiB_per_block']:.2f}",
+            f"{s['state_MiB_whole_model']:.0f}",
+            f"{s['median_step_ms']:.1f}",
+        ]
+        for method, s in state["summary"].items()
+    ]
+    return "\n".join(
+        [
+            "# Results: approximation error and optimizer state",
+            "",
+            _GENERATED,
+            "## How close k sweeps come to the SVD projection",
+            "",
+            "`python -m benchmarks.approx_error`: the LoRA step `T = B0 A0 − lr·SᵀX` fitted by "
+            "`lorsum.functional.lorsum` with k sweeps, against its truncated SVD "
+            "`Π_r(T)` (Eckart–Young), on a random and a slowly decaying spectrum. The Concepts "
+            "page draws the same quantity on a small problem.",
+            "",
+            approx_error.quality_tables(_load("approx_error/quality.json")),
+            "",
+            "Source: `benchmarks/results/approx_error/quality.json`.",
+            "",
+            "## One sweep against the dense SVD projection",
+            "",
+            approx_error.cost_table(_load("approx_error/cost.json")),
+            "",
+            "Source: `benchmarks/results/approx_error/cost.json`.",
+            "",
+            "## Optimizer state per method",
+            "",
+            "`python -m benchmarks.optimizer_state`: one SmolLM2-135M decoder block (its seven "
+            "linears, rank 16), state measured; the whole-model column multiplies by the number "
+            "of blocks.",
+            "",
+            _table(
+                ["method", "state MiB / block", "state MiB / whole model", "step ms / block"],
+                state_rows,
+            ),
+            "",
+            "Source: `benchmarks/results/optimizer_state/state.json`.",
+            "",
+        ]
+    )
+
+
+def page_step_cost() -> str:
+    from benchmarks import step_cost
+
+    out = RESULTS / "step_cost"
+    parts = [
+        "# Results: step cost and memory",
+        "",
+        _GENERATED,
+        "`python -m benchmarks.step_cost`: per-step latency (median), state size and peak memory "
+        "per method, on a CPU and an H200, with the cost model's floor where the device's "
+        "ceilings were measured. The tables are those of `--summarize-only`. The written "
+        "account, with the targets, is [What a step costs](../performance.md).",
+        "",
+    ]
+    figures = {
+        "axes": "step time against m = n",
+        "e2e-minilm": "whole training steps, MiniLM (relative to LoRA-AdamW)",
+        "e2e-smollm2": "whole training steps, SmolLM2-135M (relative to LoRA-AdamW)",
+    }
+    for path in sorted(out.glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        ceilings = step_cost._stored_ceilings(out, record["device"])
+        parts += [step_cost.table(record, ceilings).replace("### ", "## ", 1), ""]
+        parts += [f"Source: `benchmarks/results/step_cost/{path.name}`.", ""]
+        png = path.with_suffix(".png")
+        if png.exists():
+            caption = f"{figures.get(record['part'], record['part'])} ({record['device']})"
+            parts.append(_figure(f"step_cost/{png.name}", caption))
+    return "\n".join(parts)
+
+
+def page_compression() -> str:
+    from benchmarks import lord, trp
+
+    lord_record = _load("lord/smollm2-wikitext2.json")
+    trp_record = _load("trp/cifar10-lenet5.json")
+    return "\n".join(
+        [
+            "# Results: compression",
+            "",
+            _GENERATED,
+            "## LoRD on SmolLM2-135M",
+            "",
+            "`python -m benchmarks.lord`: every projection replaced by two thin layers; "
+            "WikiText-2 test perplexity against the share of parameters removed, for the weight "
+            "SVD and the data-aware (output covariance) variants.",
+            "",
+            lord.format_points(lord_record),
+            "",
+            "Exact against fast solvers:",
+            "",
+            lord.format_solvers(lord_record),
+            "",
+            _figure("lord/smollm2-wikitext2.png", "LoRD: perplexity against parameters removed"),
+            "Source: `benchmarks/results/lord/smollm2-wikitext2.json`.",
+            "",
+            "## TRP on the image task",
+            "",
+            "`python -m benchmarks.trp`: trained rank pruning of LeNet-5 on the CIFAR-10 quick "
+            "subset, against post-hoc truncation at the ranks TRP ended with.",
+            "",
+            trp.format_table(trp_record["summary"]),
+            "",
+            _figure("trp/cifar10-lenet5.png", "TRP against post-hoc truncation"),
+            "Source: `benchmarks/results/trp/cifar10-lenet5.json`.",
+            "",
+        ]
+    )
+
+
+PAGES: dict[str, Callable[[], str]] = {
+    "results/index.md": page_index,
+    "results/synthetic.md": page_synthetic,
+    "results/image.md": page_image,
+    "results/glue.md": page_glue,
+    "results/lm.md": page_lm,
+    "results/squad.md": page_squad,
+    "results/approximation.md": page_approximation,
+    "results/step-cost.md": page_step_cost,
+    "results/compression.md": page_compression,
+}
