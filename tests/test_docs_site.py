@@ -33,6 +33,7 @@ PUBLIC_MODULES = (
     "lorsum.functional",
     "lorsum.adapters",
     "lorsum.compression",
+    "lorsum.distributed",
     "lorsum.integrations.peft",
     "lorsum.integrations.transformers",
 )
