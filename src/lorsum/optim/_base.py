@@ -37,6 +37,9 @@ DENSE_DEFAULTS: dict[str, Any] = {
     "nesterov": False,
 }
 _COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# What a step whose new values are not all finite does: skip only the pairs concerned (no host
+# synchronisation), or skip every pair and dense group of the optimizer (one per step).
+NONFINITE_POLICIES = ("skip_pair", "skip_all")
 
 PairWork = tuple[dict[str, Any], Tensor, Tensor, CapturedGradient | None]
 """One LoRA pair's share of a step: its group, ``A``, ``B`` and its captured gradient."""
@@ -56,6 +59,13 @@ class LoRAOptimizer(Optimizer):
         max_grad_norm: clip the global gradient norm to this value before stepping (``None``:
             no clipping). With a capture the norm includes each pair's full gradient
             ``‖∂L/∂W‖`` in factored form; otherwise the LoRA ``.grad`` tensors.
+        nonfinite: what a step whose new values are not all finite does. ``"skip_pair"``
+            (default): the pairs concerned keep their factors and state, the others step; no
+            value is read back from the device. ``"skip_all"``: every pair and dense group of
+            the optimizer keeps its values (one host synchronisation per step). Either way
+            ``state[B]["skipped_steps"]`` counts the skips and one ``RuntimeWarning`` is given
+            per optimizer (on CUDA, under ``"skip_pair"``, a step or two late: it is read
+            without waiting). Not with ``step_in_backward`` for ``"skip_all"``.
         step_in_backward: step each LoRA pair inside ``backward()``, as soon as its full
             gradient is complete (:meth:`GradientCapture.on_complete`), and drop its captured
             rows at once, so that the capture never holds more than the layers whose backward
@@ -86,10 +96,26 @@ class LoRAOptimizer(Optimizer):
         max_grad_norm: float | None = None,
         step_in_backward: bool = False,
         process_group: Any = "auto",
+        nonfinite: str = "skip_pair",
     ) -> None:
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
         _check_step_in_backward(type(self), step_in_backward, max_grad_norm)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"Invalid nonfinite: {nonfinite!r} (must be one of "
+                f"{', '.join(map(repr, NONFINITE_POLICIES))})"
+            )
+        if nonfinite == "skip_all" and step_in_backward:
+            raise ValueError(
+                "nonfinite='skip_all' with step_in_backward=True: stepping in backward commits "
+                "each pair before the others are computed; use nonfinite='skip_pair'"
+            )
+        self.nonfinite = nonfinite
+        self._deferred: list[tuple[list[dict[str, Any]], list[Any]]] | None = None
+        self._skip_counts: dict[torch.device, Tensor] = {}  # pairs skipped, per device
+        self._skip_probe: tuple[Tensor, Any] | None = None  # (pinned copy, CUDA event)
+        self._warned_nonfinite = False
         if self.needs_capture and capture is None:
             raise ValueError(
                 f"{type(self).__name__} steps with the full gradient of each layer: pass "
@@ -247,10 +273,16 @@ class LoRAOptimizer(Optimizer):
                 # rows: average the dense gradients (m·n per layer) and step from those.
                 self._average_dense_(list(captured.values()), reducer)
             self._clip_(captured)
+        self._check_skip_probe()
+        skip_all = self.nonfinite == "skip_all"
+        dense_groups: list[dict[str, Any]] = []
         work: list[PairWork] = []
         for group in self.param_groups:
             if group["kind"] == "dense":
-                self._step_dense_group(group)
+                if skip_all:
+                    dense_groups.append(group)  # stepped only if the whole step is finite
+                else:
+                    self._step_dense_group(group)
                 continue
             A, B = group["params"]
             if B in self._stepped_in_backward:
@@ -265,9 +297,99 @@ class LoRAOptimizer(Optimizer):
                     stacklevel=2,
                 )
             work.append((group, A, B, captured.get(B)))
-        self._step_lora_groups(work)
+        if skip_all:
+            self._deferred = []
+            try:
+                self._step_lora_groups(work)
+                deferred = self._deferred
+            finally:
+                self._deferred = None
+            self._commit_all_or_nothing(deferred, dense_groups)
+        else:
+            self._step_lora_groups(work)
+            self._probe_skips()
         self._stepped_in_backward.clear()
         return loss
+
+    # --- non-finite steps --------------------------------------------------------------------
+
+    def _commit_all_or_nothing(
+        self, deferred: list[tuple[list[dict[str, Any]], list[Any]]], dense: list[dict[str, Any]]
+    ) -> None:
+        """``nonfinite="skip_all"``: commit every pair and dense group, or none of them.
+
+        The decision needs one value on the host, so this policy synchronises once per step
+        (``"skip_pair"``, the default, never does).
+        """
+        flags = [torch.isfinite(new).all() for _, updates in deferred for _, _, new in updates]
+        flags += [
+            torch.isfinite(p.grad).all() for g in dense for p in g["params"] if p.grad is not None
+        ]
+        finite = bool(torch.stack([f.cpu() for f in flags]).all()) if flags else True
+        if finite:
+            for states, updates in deferred:
+                self._commit_stack_(states, updates)
+            for group in dense:
+                self._step_dense_group(group)
+            return
+        for states, updates in deferred:
+            device = updates[0][2].device
+            for state in states:
+                if "skipped_steps" not in state:
+                    state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=device)
+                state["skipped_steps"] += 1
+        self._warn_nonfinite()
+
+    def _count_skips(self, skipped: Tensor) -> None:
+        """Add this stack's skipped pairs to the device's running count (no host read)."""
+        total = self._skip_counts.get(skipped.device)
+        if total is None:
+            self._skip_counts[skipped.device] = skipped.sum()
+        else:
+            total.add_(skipped.sum())
+
+    def _probe_skips(self) -> None:
+        """Warn once if a pair was skipped, without waiting for the device.
+
+        On the CPU the count is read at once. On CUDA it is copied, asynchronously, into pinned
+        host memory behind an event; the next step reads it if the event has completed, so the
+        warning comes a step or two late and no step ever waits for it.
+        """
+        if self._warned_nonfinite or not self._skip_counts:
+            return
+        for device, total in self._skip_counts.items():
+            if device.type != "cuda":
+                if int(total) > 0:
+                    self._warn_nonfinite()
+                    return
+            elif self._skip_probe is None:
+                host = torch.empty((), dtype=total.dtype, pin_memory=True)
+                host.copy_(total, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self._skip_probe = (host, event)
+
+    def _check_skip_probe(self) -> None:
+        if self._skip_probe is None or self._warned_nonfinite:
+            return
+        host, event = self._skip_probe
+        if event.query():  # done: reading the pinned copy now does not wait
+            self._skip_probe = None
+            if int(host) > 0:
+                self._warn_nonfinite()
+
+    def _warn_nonfinite(self) -> None:
+        if self._warned_nonfinite:
+            return
+        self._warned_nonfinite = True
+        what = "every pair was" if self.nonfinite == "skip_all" else "the affected pairs were"
+        warnings.warn(
+            f"{type(self).__name__}: a step produced non-finite values, so {what} left "
+            "untouched; state[B]['skipped_steps'] counts the skipped steps of each pair. "
+            "This warning is given once per optimizer.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def _step_pair_in_backward(self, B: Tensor) -> None:
         """Step ``B``'s pair now, in backward: its full gradient is complete (``on_complete``)."""
@@ -467,8 +589,12 @@ class LoRAOptimizer(Optimizer):
 
         Pair ``i`` takes its new values only if all of its own are finite; the others keep
         theirs and count ``states[i]["skipped_steps"]``. Few kernels whatever ``G`` is, and no
-        value read back from the device.
+        value read back from the device. Under ``nonfinite="skip_all"`` the commit waits for
+        the end of the step (:meth:`_commit_all_or_nothing`).
         """
+        if self._deferred is not None:
+            self._deferred.append((states, updates))
+            return
         finite = torch.stack(
             [torch.isfinite(new).reshape(len(new), -1).all(1) for _, _, new in updates]
         )
@@ -481,7 +607,9 @@ class LoRAOptimizer(Optimizer):
             if "skipped_steps" not in state:
                 state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=finite.device)
         skipped = [state["skipped_steps"] for state in states]
-        torch._foreach_add_(skipped, list((~finite).to(torch.int64).unbind(0)))
+        not_finite = (~finite).to(torch.int64)
+        torch._foreach_add_(skipped, list(not_finite.unbind(0)))
+        self._count_skips(not_finite)
 
 
 def _check_step_in_backward(

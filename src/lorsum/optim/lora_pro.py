@@ -87,6 +87,8 @@ class LoRAPro(LoRAOptimizer):
         compute_dtype: ``"float32"``, ``"float64"`` or ``None`` (default: the factors' dtype, at
             least float32). In ``"full_adam"`` mode it also sets the dtype of the m×n work.
         max_grad_norm: global clipping of the raw gradients (see :class:`LoRAOptimizer`).
+        nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
+            :class:`~lorsum.optim.LoRAOptimizer`).
 
     State: ``state[B]["step"]`` (0-d float32 CPU tensor, the Adam ``t``),
     ``state[B]["skipped_steps"]``, and in ``"full_adam"`` mode ``state[B]["exp_avg"] (m, n)``
@@ -124,6 +126,7 @@ class LoRAPro(LoRAOptimizer):
         weight_decay: float = 0.0,
         compute_dtype: str | None = None,
         max_grad_norm: float | None = None,
+        nonfinite: str = "skip_pair",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -134,7 +137,7 @@ class LoRAPro(LoRAOptimizer):
             "weight_decay": weight_decay,
             "compute_dtype": compute_dtype,
         }
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite)
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)

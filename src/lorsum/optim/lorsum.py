@@ -69,6 +69,8 @@ class LoRSum(LoRAOptimizer):
             steps every pair alone.
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
+        nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
+            :class:`~lorsum.optim.LoRAOptimizer`).
         step_in_backward: step each pair inside ``backward()`` and free its captured rows at
             once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
         process_group: ``"auto"`` (default), ``None`` or a ``ProcessGroup``: average the captured
@@ -106,6 +108,7 @@ class LoRSum(LoRAOptimizer):
         foreach: bool = True,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
+        nonfinite: str = "skip_pair",
         step_in_backward: bool = False,
         process_group: Any = "auto",
     ) -> None:
@@ -124,6 +127,7 @@ class LoRSum(LoRAOptimizer):
             defaults,
             capture=capture,
             max_grad_norm=max_grad_norm,
+            nonfinite=nonfinite,
             step_in_backward=step_in_backward,
             process_group=process_group,
         )

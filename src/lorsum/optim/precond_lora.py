@@ -52,6 +52,8 @@ class PrecondLoRA(LoRAOptimizer):
         momentum: SGD momentum (default: 0). betas, eps: AdamW's (defaults: (0.9, 0.999), 1e-8).
         weight_decay: as the base optimizer applies it (default: 0).
         max_grad_norm: global clipping of the raw gradients, before preconditioning.
+        nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
+            :class:`~lorsum.optim.LoRAOptimizer`).
 
     Reference:
         Zhang & Pilanci, arXiv:2402.02347 (github.com/pilancilab/Riemannian_Preconditioned_LoRA).
@@ -70,6 +72,7 @@ class PrecondLoRA(LoRAOptimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
+        nonfinite: str = "skip_pair",
     ) -> None:
         defaults = {
             "lr": lr,
@@ -82,7 +85,7 @@ class PrecondLoRA(LoRAOptimizer):
             "weight_decay": weight_decay,
             "nesterov": False,
         }
-        super().__init__(params, defaults, max_grad_norm=max_grad_norm)
+        super().__init__(params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite)
 
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)

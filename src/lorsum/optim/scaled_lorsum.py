@@ -118,6 +118,8 @@ class ScaledLoRSum(LoRAOptimizer):
             K-FAC it must be built with ``statistics=metric_form``.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`); it
             scales the output side, so the K-FAC input statistics are unaffected.
+        nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
+            :class:`~lorsum.optim.LoRAOptimizer`).
         step_in_backward: step each pair inside ``backward()`` and free its captured rows at
             once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
         process_group: ``"auto"`` (default), ``None`` or a ``ProcessGroup``: average the captured
@@ -189,6 +191,7 @@ class ScaledLoRSum(LoRAOptimizer):
         compute_dtype: str | None = None,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
+        nonfinite: str = "skip_pair",
         step_in_backward: bool = False,
         process_group: Any = "auto",
     ) -> None:
@@ -212,6 +215,7 @@ class ScaledLoRSum(LoRAOptimizer):
             defaults,
             capture=capture,
             max_grad_norm=max_grad_norm,
+            nonfinite=nonfinite,
             step_in_backward=step_in_backward,
             process_group=process_group,
         )

@@ -56,6 +56,8 @@ class SVDLoRA(LoRAOptimizer):
         oversamples, power_iters: of the randomized range finder (defaults: 10 and 2).
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
+        nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
+            :class:`~lorsum.optim.LoRAOptimizer`).
         step_in_backward: step each pair inside ``backward()`` and free its captured rows at
             once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
         process_group: ``"auto"`` (default), ``None`` or a ``ProcessGroup``: average the captured
@@ -80,6 +82,7 @@ class SVDLoRA(LoRAOptimizer):
         power_iters: int = 2,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
+        nonfinite: str = "skip_pair",
         step_in_backward: bool = False,
         process_group: Any = "auto",
     ) -> None:
@@ -96,6 +99,7 @@ class SVDLoRA(LoRAOptimizer):
             defaults,
             capture=capture,
             max_grad_norm=max_grad_norm,
+            nonfinite=nonfinite,
             step_in_backward=step_in_backward,
             process_group=process_group,
         )
