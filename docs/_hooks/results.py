@@ -7,8 +7,7 @@ where they have one) and every figure is the committed PNG, copied into the site
 * copies every PNG under ``benchmarks/results/`` to ``results/files/`` in the site, and rewrites
   links such as ``../benchmarks/results/x.png`` in the hand-written pages (``performance.md``),
   which must keep working on GitHub too, to those copies;
-* adds ``reliability.md`` and ``distributed.md`` to the navigation when they exist (they are
-  written on other branches; a missing page is simply not listed).
+* adds ``distributed.md`` to the navigation when it exists (a missing page is not listed).
 """
 
 from __future__ import annotations
@@ -29,10 +28,7 @@ RESULTS = REPO / "benchmarks" / "results"
 FILES_URI = "results/files"  # where the committed figures land in the site
 
 # Hand-written pages that other branches add; listed in the navigation only if present.
-OPTIONAL_PAGES = (
-    ("Results", "Reliability", "reliability.md"),
-    ("Guides", "Distributed training (exactness)", "distributed.md"),
-)
+OPTIONAL_PAGES = (("Guides", "Distributed training (exactness)", "distributed.md"),)
 
 
 # --- MkDocs events ----------------------------------------------------------------------------
@@ -239,6 +235,7 @@ def page_index() -> str:
         ("step-cost.md", "Step cost and memory", "per-step latency, peak memory, state size"),
         ("../performance.md", "What a step costs", "the cost model and the targets (written)"),
         ("compression.md", "Compression", "LoRD and TRP"),
+        ("reliability.md", "Reliability", "faults injected, bad inputs, soak and fuzzing"),
     ]
     lines = [
         "# Results",
@@ -543,6 +540,86 @@ def page_compression() -> str:
     )
 
 
+def page_reliability() -> str:
+    from benchmarks import reliability
+
+    record = _load("reliability/reliability.json")
+    fuzz = record["results"]["fuzz"]
+    per_method = _table(
+        ["optimizer", "fuzzed examples"],
+        ([f"`{name}`", f"{count:,}"] for name, count in fuzz["examples_by_method"].items()),
+    )
+    return "\n".join(
+        [
+            "# Reliability",
+            "",
+            _GENERATED,
+            "An optimizer that silently corrupts a long fine-tune is worse than none. This page "
+            "lists the faults lorsum's tests inject, the bad inputs they try, and the figures of "
+            "the long soak and fuzz runs, from "
+            "`benchmarks/results/reliability/reliability.json` "
+            "(`python -m benchmarks.reliability`).",
+            "",
+            "## The figures",
+            "",
+            reliability.format_table(record),
+            "",
+            f"The soak: {reliability.SOAK_METHOD} (one sweep, momentum) on the synthetic task's "
+            f"{reliability.SOAK_VARIANT} variant at its benchmark learning rate, float32 against "
+            "float64 from the same init and batches, checked every "
+            f"{record['results']['soak']['every']} steps; the limit is "
+            f"{reliability.SOAK_TOLERANCE:g} relative in `B A`, and `‖B‖/‖A‖` must stay in "
+            f"[{reliability.BALANCE_RANGE[0]:g}, {reliability.BALANCE_RANGE[1]:g}]. The fuzz: "
+            "Hypothesis cases over shapes 1–16, ranks 1–8, float32 and float64, damping 0 to 1, "
+            "0–3 sweeps, momentum, learning rates 0 to 10 and 1–3 steps; every step must keep "
+            "the factors' shapes and dtypes, write only finite values, and with `lr = 0` leave "
+            f"`s B A` unchanged (seed {fuzz['seed']}):",
+            "",
+            per_method,
+            "",
+            "CI runs the same checks shorter: 200 soak steps and a derandomised 60-example fuzz "
+            "(`tests/test_soak.py`, `tests/optim/test_fuzz.py`); `-m slow` runs the full "
+            "lengths.",
+            "",
+            "## Faults injected",
+            "",
+            "- **Non-finite gradients** (NaN or inf in one target, so every gradient and "
+            "captured row is non-finite) for every guarded optimizer (LoRSum, ScaledLoRSum "
+            "with K-FAC and Shampoo, SVDLoRA, PrecondLoRA, LoRA-Pro): factors and every state "
+            "tensor untouched, `skipped_steps` counts it, training continues exactly as if the "
+            "step had not happened (`tests/optim/test_faults.py`).",
+            "- **One bad pair among good ones**: with `nonfinite=\"skip_pair\"` (the default, "
+            "no host synchronisation) only that pair is skipped; with `\"skip_all\"` every pair "
+            "and dense group keeps its values. One `RuntimeWarning` per optimizer either way.",
+            "- **`torch.amp.GradScaler`** skipping an inf step, with every optimizer.",
+            "- **Ill-conditioned problems**: the LoRA start `B = 0`, rank-deficient factors, "
+            "zero gradients and `damping = 0` (solved as the limit on the Gram's range, never an "
+            "identity fallback), and a Shampoo metric that is not finite (the step is skipped).",
+            "- **Process death**: `kill -9` of a running `lorsum compare` sweep; the rerun keeps "
+            "every finished run file byte for byte and redoes the rest, past a left-over temp "
+            "file and a torn record (`tests/test_kill_resume.py`). Every result and cache is "
+            "written to a temp file, fsynced and renamed.",
+            "- **Checkpoints across devices**: optimizer state saved on CUDA or the CPU, loaded "
+            "with `weights_only=True` on the other and back, returns bit for bit, with every "
+            "state tensor in its saved dtype (`tests/optim/test_device_resume.py`; the CUDA legs "
+            "need a GPU).",
+            "",
+            "## Bad inputs tried",
+            "",
+            "Every public entry point raises `ValueError` or `TypeError` naming the value and "
+            "what is allowed, each tested with `match=`: wrong shapes, dtypes and devices of "
+            "factors, terms and metrics in the functional core; empty, malformed or duplicated "
+            "param groups, unknown methods, invalid hyperparameters (learning rate, damping, "
+            "sweeps, ranks, betas, policies) in the optimizers and `create_optimizer`; a model "
+            "with no LoRA layers; a capture that does not record a pair. The command line "
+            "prints one `lorsum compare: error: ...` line and exits with status 2 for a bad "
+            "option, a missing or malformed data file, a missing model package or an unusable "
+            "`--lr-from` summary (`tests/test_cli.py`).",
+            "",
+        ]
+    )
+
+
 PAGES: dict[str, Callable[[], str]] = {
     "results/index.md": page_index,
     "results/synthetic.md": page_synthetic,
@@ -553,4 +630,5 @@ PAGES: dict[str, Callable[[], str]] = {
     "results/approximation.md": page_approximation,
     "results/step-cost.md": page_step_cost,
     "results/compression.md": page_compression,
+    "results/reliability.md": page_reliability,
 }
