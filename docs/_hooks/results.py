@@ -346,11 +346,21 @@ def page_glue() -> str:
             summary_section("compare/glue-summary.json", "Quick size"),
             "## Full size (seed 0)",
             "",
+            summary_section("compare-full/glue-sst2-summary.json", "SST-2", level=3),
             summary_section("compare-full/glue-mrpc-rte-summary.json", "MRPC and RTE", level=3),
             summary_section("compare-full/glue-stsb-summary.json", "STS-B", level=3),
+            summary_section(
+                "compare-full/glue-stsb-svd-pro-summary.json",
+                "STS-B: SVDLoRA and LoRA-Pro",
+                level=3,
+            ),
             summary_section("compare-full/glue-cola-summary.json", "CoLA", level=3),
+            summary_section(
+                "compare-full/glue-cola-lora-pro-summary.json", "CoLA: LoRA-Pro", level=3
+            ),
             _figures(
                 [
+                    ("compare-full/glue-sst2.png", "Full size, SST-2"),
                     ("compare-full/glue-mrpc-rte.png", "Full size, MRPC and RTE"),
                     ("compare-full/glue-stsb.png", "Full size, STS-B"),
                     ("compare-full/glue-cola.png", "Full size, CoLA"),
@@ -414,6 +424,8 @@ def page_squad() -> str:
             summary_section("compare/squad-summary.json", "Quick size"),
             summary_section("compare-lr-sweep/squad-summary.json", "Learning-rate sweep"),
             _figure("compare-lr-sweep/squad-lr.png", "F1 against learning rate"),
+            summary_section("compare-full/squad-summary.json", "Full size (seed 0)"),
+            _figure("compare-full/squad.png", "Full size: F1 during training"),
         ]
     )
 
@@ -588,8 +600,8 @@ def page_reliability() -> str:
             "with K-FAC and Shampoo, SVDLoRA, PrecondLoRA, LoRA-Pro): factors and every state "
             "tensor untouched, `skipped_steps` counts it, training continues exactly as if the "
             "step had not happened (`tests/optim/test_faults.py`).",
-            "- **One bad pair among good ones**: with `nonfinite=\"skip_pair\"` (the default, "
-            "no host synchronisation) only that pair is skipped; with `\"skip_all\"` every pair "
+            '- **One bad pair among good ones**: with `nonfinite="skip_pair"` (the default, '
+            'no host synchronisation) only that pair is skipped; with `"skip_all"` every pair '
             "and dense group keeps its values. One `RuntimeWarning` per optimizer either way.",
             "- **`torch.amp.GradScaler`** skipping an inf step, with every optimizer.",
             "- **Ill-conditioned problems**: the LoRA start `B = 0`, rank-deficient factors, "
