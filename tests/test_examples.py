@@ -37,7 +37,9 @@ def test_peft_example_trains():
 def test_torchrun_example_trains_two_identical_ranks():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        # --standalone: a free port of its own, so that two runs at once (two test sessions on
+        # one machine) do not meet on torchrun's default port 29500.
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(EXAMPLES / "torchrun_lorsum.py")],
         capture_output=True, text=True, timeout=300, check=False, env=env,
     )  # fmt: skip

@@ -15,12 +15,10 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -30,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 from lorsum.integrations.peft import lora_pairs  # noqa: E402
 from lorsum.integrations.transformers import optimizer_cls_and_kwargs  # noqa: E402
 from tests.integrations.test_transformers import TinyCausalDataset, peft_llama  # noqa: E402
+from tests.spawn import spawn_and_wait  # noqa: E402
 
 WORLD, DATASET, EPOCHS = 2, 8, 3
 TIMEOUT_S = 240
@@ -107,18 +106,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, dict[str, torch.Tensor]]]:
     with tempfile.TemporaryDirectory() as tmp:
-        context = mp.start_processes(
-            _worker, args=(_free_port(), tmp), nprocs=WORLD, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not context.join(timeout=5):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the Trainer's DDP workers did not finish in {TIMEOUT_S} s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
+        spawn_and_wait(_worker, (_free_port(), tmp), WORLD, timeout_s=TIMEOUT_S,
+                       what="the Trainer's DDP workers")  # fmt: skip
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -105,15 +105,10 @@ def test_a_checkpoint_survives_a_round_trip_through_another_device_map(method, h
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize(("home", "away"), [("cuda", "cpu"), ("cpu", "cuda")])
 @pytest.mark.parametrize(("method", "hparams"), OPTIMIZER_DB, ids=IDS)
-def test_a_cuda_checkpoint_goes_to_the_cpu_and_back_bitwise(method, hparams):
-    _check_round_trip(method, hparams, "cuda", "cpu")
-
-
-@pytest.mark.cuda
-@pytest.mark.parametrize(("method", "hparams"), OPTIMIZER_DB, ids=IDS)
-def test_a_cpu_checkpoint_goes_to_cuda_and_back_bitwise(method, hparams):
-    _check_round_trip(method, hparams, "cpu", "cuda")
+def test_a_checkpoint_goes_between_cpu_and_cuda_and_back_bitwise(method, hparams, home, away):
+    _check_round_trip(method, hparams, home, away)
 
 
 @pytest.mark.cuda

@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import lorsum
 from lorsum.distributed import MeanReducer, resolve_process_group
+from tests.spawn import spawn_and_wait
 
 GLOBAL_BATCH, STEPS, DIM, OUT = 12, 3, 16, 5
 SPAWN_TIMEOUT_S = 240
@@ -207,22 +206,8 @@ def _reducer_bookkeeping(rank: int, world: int) -> dict[str, Any]:
 def _spawn(world: int, tmp: Path) -> list[dict[str, Any]]:
     init_file, out_dir = tmp / "init", tmp / "out"
     out_dir.mkdir()
-    context = mp.start_processes(
-        _worker,
-        args=(world, str(init_file), str(out_dir)),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + SPAWN_TIMEOUT_S
-    try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world} gloo workers did not finish within {SPAWN_TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_and_wait(_worker, (world, str(init_file), str(out_dir)), world,
+                   timeout_s=SPAWN_TIMEOUT_S, what=f"{world} gloo workers")  # fmt: skip
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
