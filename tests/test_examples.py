@@ -47,3 +47,25 @@ def test_torchrun_example_trains_two_identical_ranks():
     losses = [float(v) for v in re.findall(r"loss\s+([0-9.]+)", result.stdout)]
     assert losses[-1] < 0.5 * losses[0]
     assert "ranks hold identical factors: True" in result.stdout
+
+
+def test_accelerate_example_on_two_processes_matches_one_process():
+    # Under torchrun, Accelerator(cpu=True) finds the process group (gloo) and prepare() wraps
+    # the model in DDP; the exact optimizer must print the one-process run's losses.
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = str(EXAMPLES / "accelerate_lorsum.py")
+    runs = [
+        subprocess.run(command, capture_output=True, text=True, timeout=300, check=False, env=env)
+        for command in (
+            [sys.executable, script],
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+             "2", script],
+        )
+    ]  # fmt: skip
+    for result in runs:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "ranks hold identical factors: True" in result.stdout
+    one, two = ([float(v) for v in re.findall(r"loss\s+([0-9.]+)", r.stdout)] for r in runs)
+    assert one[-1] < 0.5 * one[0]
+    assert two == pytest.approx(one, rel=1e-5)
