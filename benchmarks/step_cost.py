@@ -112,7 +112,8 @@ def part_configs(
     # The slowest last: a run cut short by a time limit has measured the most methods.
     e2e_methods = [
         "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom" + NO_FACTOR_GRADS,
-        "lorsum-x1-nomom-in-backward", "lorsum-x1", "lorsum-x1" + NO_FACTOR_GRADS,
+        "lorsum-x1-nomom-in-backward", "lorsum-x1-nomom" + NO_FACTOR_GRADS + IN_BACKWARD,
+        "lorsum-x1", "lorsum-x1" + NO_FACTOR_GRADS,
         "lorsum-x1-in-backward", "lorsum-x8", "precond-adamw", "scaled-kfac", "full-adamw",
         FROZEN, "lora-pro", "svdlora",
     ]  # fmt: skip

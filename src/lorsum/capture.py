@@ -33,6 +33,10 @@ Design (why it is built this way):
   ``A.grad``, so :meth:`GradientCapture.on_complete` hooks ``A``'s gradient accumulation: at
   that moment the layer's rows are all in and autograd no longer needs ``A`` or ``B``. This is
   what lets an optimizer step each layer inside the backward pass and free its rows at once.
+  With ``factor_grads=False`` there is no ``A.grad`` to accumulate: each call of the layer then
+  hooks the gradient of the down map's input (or, when that input needs none, of the down map's
+  output), which autograd forms right after the down map's own backward, and the layer is
+  complete when every call of its forward has reached that point.
 """
 
 from __future__ import annotations
@@ -142,8 +146,8 @@ class GradientCapture:
             ``False`` freezes the factors for autograd until :meth:`remove`, which saves their
             products and accumulations in every backward (see the module docstring); for the
             optimizers that step from the captured gradient only (LoRSum, ScaledLoRSum,
-            SVDLoRA), on one process, without a ``grad_scaler`` (``GradScaler`` finds overflows
-            in ``.grad``) and without ``step_in_backward``. With reentrant activation
+            SVDLoRA), without a ``grad_scaler`` (``GradScaler`` finds overflows in ``.grad``);
+            ``step_in_backward`` works with it (see :meth:`on_complete`). With reentrant activation
             checkpointing, make the checkpointed blocks' inputs require grad (transformers:
             ``model.enable_input_require_grads()``), since no parameter inside does.
 
@@ -207,6 +211,7 @@ class GradientCapture:
             self._handles.append(down.register_forward_hook(site.on_down_forward))
             self._handles.append(up.register_forward_hook(site.on_up_forward))
             self._handles.append(pair.B.register_post_accumulate_grad_hook(site.on_accumulated))
+        self._complete_callbacks: list[Callable[[Tensor], None]] = []  # factor_grads=False
         self._frozen: list[Tensor] = []  # factors frozen for autograd (factor_grads=False)
         if not factor_grads:
             for pair in pairs:
@@ -235,18 +240,17 @@ class GradientCapture:
         """Call ``callback(B)`` in backward as soon as the gradient of ``B``'s pair is complete.
 
         It fires once per backward pass and pair, after the pair's last row was recorded and its
-        ``A.grad`` accumulated (see the module docstring); :meth:`pop` then returns the rows of
+        ``A.grad`` accumulated, or with ``factor_grads=False`` after the down map's backward of
+        the layer's last call (see the module docstring); :meth:`pop` then returns the rows of
         every backward since the last pop. The hooks belong to the capture: :meth:`remove`
         removes them with the others.
         """
         if not callable(callback):
             raise TypeError(f"callback must be callable, got {type(callback).__name__}")
         if not self.factor_grads:
-            raise ValueError(
-                "on_complete needs factor_grads=True: a layer's completion is signalled by its "
-                "A.grad accumulation, which factor_grads=False skips (so step_in_backward=True "
-                "needs factor_grads=True)"
-            )
+            # No A.grad accumulates: each site signals completion itself (see the docstring).
+            self._complete_callbacks.append(callback)
+            return
         for B, site in self._sites.items():
             self._handles.append(
                 site.pair.A.register_post_accumulate_grad_hook(lambda _A, B=B: callback(B))
@@ -274,6 +278,7 @@ class GradientCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._complete_callbacks.clear()
         for factor in self._frozen:
             factor.requires_grad_(True)
         self._frozen.clear()
@@ -304,6 +309,11 @@ class _Site:
         self.grad_was_zeroed = True  # B.grad was None when the latest backward reached the pair
         self._down_input: Tensor | None = None
         self._down_output: Tensor | None = None
+        # factor_grads=False, with on_complete listeners: the calls of this forward whose
+        # backward has not yet passed the down map (one token per call).
+        self._pending_call: int | None = None
+        self._open_calls: set[int] = set()
+        self._calls = 0  # numbers the calls
 
     def on_down_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         # The pending input waits for the up map. Rows are recorded only if the up output is
@@ -321,15 +331,43 @@ class _Site:
         if not output.requires_grad:
             output = output.detach().requires_grad_()
         self._down_output = output
+        if self.owner._complete_callbacks:
+            self._watch_down_backward(args[0], output)
         return output
+
+    def _watch_down_backward(self, inputs: Any, output: Tensor) -> None:
+        """Hook the moment this call's down-map backward is done (``factor_grads=False``).
+
+        The gradient of the down map's input is formed from the down map's backward, the last
+        use of ``A`` and ``B`` for this call; an input that needs no gradient has none, and then
+        the down output (a leaf here) is hooked when its gradient accumulates, after the up
+        map's backward, the last use of ``B``.
+        """
+        call = self._pending_call = self._calls
+        self._calls += 1
+        if isinstance(inputs, Tensor) and inputs.requires_grad:
+            inputs.register_hook(lambda grad: self._call_done(call))
+        else:
+            output.register_post_accumulate_grad_hook(lambda leaf: self._call_done(call))
 
     def on_up_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         inputs, self._down_input = self._down_input, None
         produced, self._down_output = self._down_output, None
+        call, self._pending_call = self._pending_call, None
         if inputs is None or not args or args[0] is not produced:
             return  # not the down map's output of this forward: nothing to pair
         if isinstance(output, Tensor) and output.requires_grad:
             output.register_hook(lambda grad: self.record(grad, inputs))
+            if call is not None:
+                self._open_calls.add(call)
+
+    def _call_done(self, call: int) -> None:
+        if call not in self._open_calls:
+            return  # a call that was never paired, or whose window was already taken
+        self._open_calls.discard(call)
+        if not self._open_calls and self.captured is not None:
+            for callback in list(self.owner._complete_callbacks):
+                callback(self.pair.B)
 
     def record(self, grad: Tensor, inputs: Tensor) -> None:
         """Called in backward with ``∂L/∂(up output)``; adds the rows to the window."""
@@ -370,6 +408,7 @@ class _Site:
     def take(self) -> CapturedGradient | None:
         captured, self.captured = self.captured, None
         self._backward_finished = False
+        self._open_calls.clear()  # calls whose backward never came (unused outputs) end here
         return captured
 
 

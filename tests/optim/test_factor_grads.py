@@ -177,7 +177,6 @@ def test_a_peft_llama_trains_without_factor_gradients():
         ("adamw", {}, "factor_grads=False: method 'adamw' steps with autograd's"),
         ("precond_sgd", {}, "factor_grads=False: method 'precond_sgd'"),
         ("lora_pro", {}, "factor_grads=False: method 'lora_pro'"),
-        ("lorsum", {"step_in_backward": True}, "on_complete needs factor_grads=True"),
     ],
 )
 def test_what_needs_the_factor_gradients_is_refused(method, hparams, match):

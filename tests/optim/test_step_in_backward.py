@@ -25,11 +25,12 @@ CASES = [
 IDS = [f"{method}-{i}" for i, (method, _) in enumerate(CASES)]
 
 
-def _train(method, hparams, *, step_in_backward, steps=4, scheduler=False):
+def _train(method, hparams, *, step_in_backward, steps=4, scheduler=False, factor_grads=True):
     model, _ = tiny_lora_model()
     opt = lorsum.create_optimizer(
-        model, method, dense_lr=0.01, step_in_backward=step_in_backward, **hparams
-    )
+        model, method, dense_lr=0.01, step_in_backward=step_in_backward,
+        factor_grads=factor_grads, **hparams,
+    )  # fmt: skip
     schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if scheduler else None
     for step in range(steps):
         x, y = regression_batch(16, seed=step)
@@ -46,9 +47,12 @@ def _trainables(model):
     return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
+@pytest.mark.parametrize("factor_grads", [True, False], ids=["factor-grads", "no-factor-grads"])
 @pytest.mark.parametrize(("method", "hparams"), CASES, ids=IDS)
-def test_stepping_in_backward_gives_the_trajectory_of_step(method, hparams):
-    inside, _ = _train(method, hparams, step_in_backward=True)
+def test_stepping_in_backward_gives_the_trajectory_of_step(method, hparams, factor_grads):
+    # Without factor gradients the completion signal is the down map's input gradient (the
+    # second layer of the tiny model) or its output leaf (the first, whose input needs none).
+    inside, _ = _train(method, hparams, step_in_backward=True, factor_grads=factor_grads)
     after, _ = _train(method, hparams, step_in_backward=False)
     for a, b in zip(_trainables(inside), _trainables(after), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -63,13 +67,16 @@ def test_a_scheduled_learning_rate_reaches_the_in_backward_step():
     assert not torch.allclose(_trainables(inside)[0], _trainables(constant)[0])
 
 
-def test_a_finished_layer_keeps_no_rows_during_backward():
+@pytest.mark.parametrize("factor_grads", [True, False], ids=["factor-grads", "no-factor-grads"])
+def test_a_finished_layer_keeps_no_rows_during_backward(factor_grads):
     # Four stacked adapted layers: when each one completes, its rows are consumed at once and
     # no other layer holds any (those below have not been reached yet).
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(10, 10), nn.Tanh())]).double()
     pairs = lorsum.add_lora(model, ["0", "2", "4", "6"], rank=2)
-    opt = lorsum.create_optimizer(model, "lorsum", lr=0.1, step_in_backward=True)
+    opt = lorsum.create_optimizer(
+        model, "lorsum", lr=0.1, step_in_backward=True, factor_grads=factor_grads
+    )
     held_at_completion = []
 
     def count_held(_B):  # registered after the optimizer's hook, so it runs after the step
@@ -99,9 +106,12 @@ def test_the_dense_groups_are_stepped_by_step():
     opt.capture.remove()
 
 
-def test_a_second_backward_without_step_is_refused():
+@pytest.mark.parametrize("factor_grads", [True, False], ids=["factor-grads", "no-factor-grads"])
+def test_a_second_backward_without_step_is_refused(factor_grads):
     model, _ = tiny_lora_model()
-    opt = lorsum.create_optimizer(model, "lorsum", lr=0.3, step_in_backward=True)
+    opt = lorsum.create_optimizer(
+        model, "lorsum", lr=0.3, step_in_backward=True, factor_grads=factor_grads
+    )
     x, y = regression_batch(16)
     mse(model, x, y).backward()
     with pytest.raises(RuntimeError, match="cannot accumulate gradients"):
@@ -109,11 +119,14 @@ def test_a_second_backward_without_step_is_refused():
     opt.capture.remove()
 
 
-def test_zeroed_gradients_without_step_are_a_new_window():
+@pytest.mark.parametrize("factor_grads", [True, False], ids=["factor-grads", "no-factor-grads"])
+def test_zeroed_gradients_without_step_are_a_new_window(factor_grads):
     # GradScaler skips optimizer.step() after an overflow, then the loop zeroes the gradients:
     # the next backward is not an accumulation and must step normally.
     model, pairs = tiny_lora_model()
-    opt = lorsum.create_optimizer(model, "lorsum", lr=0.3, step_in_backward=True)
+    opt = lorsum.create_optimizer(
+        model, "lorsum", lr=0.3, step_in_backward=True, factor_grads=factor_grads
+    )
     for seed in range(2):
         x, y = regression_batch(16, seed=seed)
         mse(model, x, y).backward()
@@ -129,7 +142,8 @@ def test_a_non_finite_backward_leaves_the_factors_untouched():
     x, y = regression_batch(16)
     x[3, 2] = float("nan")
     mse(model, x, y).backward()
-    opt.step()
+    with pytest.warns(RuntimeWarning, match="non-finite values"):
+        opt.step()  # the skips happened in backward; step() reports them once
     after = [p.detach().clone() for pair in pairs for p in (pair.A, pair.B)]
     for a, b in zip(after, before, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -175,7 +189,8 @@ def test_a_lora_optimizer_without_capture_cannot_step_in_backward():
         lorsum.optim._base._check_step_in_backward(lorsum.PrecondLoRA, True, None)
 
 
-def test_a_peft_llama_steps_in_backward_like_step():
+@pytest.mark.parametrize("factor_grads", [True, False], ids=["factor-grads", "no-factor-grads"])
+def test_a_peft_llama_steps_in_backward_like_step(factor_grads):
     # Every linear of the block adapted: q, k and v share one input, gate and up another.
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
@@ -191,11 +206,16 @@ def test_a_peft_llama_steps_in_backward_like_step():
         lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets)
         model = peft.get_peft_model(model, lora)
         opt = lorsum.create_optimizer(
-            model, "lorsum", lr=0.5, momentum=0.5, step_in_backward=step_in_backward
-        )
+            model, "lorsum", lr=0.5, momentum=0.5, step_in_backward=step_in_backward,
+            factor_grads=factor_grads if step_in_backward else True,
+        )  # fmt: skip
         tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
-        for _ in range(3):
+        for step in range(3):
             model(input_ids=tokens, labels=tokens).loss.backward()
+            if step_in_backward:  # every pair was stepped inside backward, none left to step()
+                steps = [int(s["step"]) for s in opt.state.values() if "skipped_steps" in s]
+                assert len(steps) == 14  # 2 blocks × 7 linears
+                assert set(steps) == {step + 1}
             opt.step()
             opt.zero_grad()
         opt.capture.remove()

@@ -250,6 +250,9 @@ class LoRAOptimizer(Optimizer):
         super().zero_grad(set_to_none)
         if self.capture is not None and not self.capture.factor_grads:
             self.capture.clear()
+        # A backward after zero_grad is a new window, not a further micro-batch, whether or not
+        # step() ran in between (a step skipped by GradScaler, a discarded batch).
+        self._stepped_in_backward.clear()
 
     # --- step ------------------------------------------------------------------------------
 
@@ -399,7 +402,9 @@ class LoRAOptimizer(Optimizer):
         group = self.param_groups[index]
         capture = cast(GradientCapture, self.capture)  # set: step_in_backward requires it
         self._refuse_step_in_backward_if_distributed()
-        if B in self._stepped_in_backward and not capture.gradient_was_zeroed(B):
+        # factor_grads=False sets no B.grad to look at: zero_grad() has emptied the set instead.
+        zeroed = capture.factor_grads and capture.gradient_was_zeroed(B)
+        if B in self._stepped_in_backward and not zeroed:
             raise RuntimeError(
                 f"LoRA pair {group['name']!r}: a second backward() reached it with no step() "
                 "or zero_grad() since the first; step_in_backward=True has already stepped it "
