@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("torch._dynamo")
 
-from benchmarks import compile_cost  # noqa: E402
+from benchmarks import compile_cost
 
 
 def test_a_compiled_and_an_eager_measurement_of_lorsum():
