@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.utils import quick_suite_record
 
 
 def test_quick_run_records_lora_pro_s_full_size_moments(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.optimizer_state", "--quick", "--out", str(tmp_path)],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    record = json.loads((tmp_path / "state.json").read_text())
+    record = quick_suite_record("optimizer_state", tmp_path, "state.json")
     by_method = {r["method"]: r for r in record["results"]}
     base = by_method["lora_pro"]["base_weight_bytes_per_block"]
     # exp_avg and exp_avg_sq of every m x n weight, in float32: twice the base weights' bytes,

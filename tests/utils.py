@@ -105,3 +105,23 @@ def adapter_products(model):
     """``s · B @ A`` of every adapted layer (detached)."""
     with torch.no_grad():
         return [m.scaling * m.lora_B.weight @ m.lora_A.weight for m in lora_layers(model)]
+
+
+def quick_suite_record(module: str, out_dir, file_name: str) -> dict:
+    """Run ``python -m benchmarks.<module> --quick --out out_dir`` and return its JSON record.
+
+    A subprocess, as a user runs it (fresh interpreter, the module's own ``main``); a non-zero
+    exit fails the test with the end of its stderr.
+    """
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo_root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "--quick", "--out", str(out_dir)],
+        cwd=repo_root, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads((Path(out_dir) / file_name).read_text())
