@@ -328,7 +328,11 @@ class LoRAOptimizer(Optimizer):
         flags += [
             torch.isfinite(p.grad).all() for g in dense for p in g["params"] if p.grad is not None
         ]
-        finite = bool(torch.stack([f.cpu() for f in flags]).all()) if flags else True
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for flag in flags:
+            by_device.setdefault(flag.device, []).append(flag)
+        # One read per device (one in all, for a model on one device).
+        finite = all(bool(torch.stack(group).all()) for group in by_device.values())
         if finite:
             for states, updates in deferred:
                 self._commit_stack_(states, updates)
