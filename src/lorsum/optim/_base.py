@@ -340,11 +340,7 @@ class LoRAOptimizer(Optimizer):
                 self._step_dense_group(group)
             return
         for states, updates in deferred:
-            device = updates[0][2].device
-            for state in states:
-                if "skipped_steps" not in state:
-                    state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=device)
-                state["skipped_steps"] += 1
+            torch._foreach_add_(_skip_counters(states, updates[0][2].device), 1)
         self._warn_nonfinite()
 
     def _count_skips(self, skipped: Tensor) -> None:
@@ -360,16 +356,17 @@ class LoRAOptimizer(Optimizer):
 
         On the CPU the count is read at once. On CUDA it is copied, asynchronously, into pinned
         host memory behind an event; the next step reads it if the event has completed, so the
-        warning comes a step or two late and no step ever waits for it.
+        warning comes a step or two late and no step ever waits for it. Other devices give no
+        warning (reading would wait for them); ``skipped_steps`` still counts every skip.
         """
         if self._warned_nonfinite or not self._skip_counts:
             return
         for device, total in self._skip_counts.items():
-            if device.type != "cuda":
+            if device.type == "cpu":
                 if int(total) > 0:
                     self._warn_nonfinite()
                     return
-            elif self._skip_probe is None:
+            elif device.type == "cuda" and self._skip_probe is None:
                 host = torch.empty((), dtype=total.dtype, pin_memory=True)
                 host.copy_(total, non_blocking=True)
                 event = torch.cuda.Event()
@@ -612,13 +609,18 @@ class LoRAOptimizer(Optimizer):
             keep = finite.view(-1, *[1] * (new.ndim - 1))
             safe = torch.where(keep, new.to(old.dtype), old)
             torch._foreach_copy_(targets, list(safe.unbind(0)))
-        for state in states:  # created once: a new device tensor per pair and step is a launch
-            if "skipped_steps" not in state:
-                state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=finite.device)
-        skipped = [state["skipped_steps"] for state in states]
+        skipped = _skip_counters(states, finite.device)
         not_finite = (~finite).to(torch.int64)
         torch._foreach_add_(skipped, list(not_finite.unbind(0)))
         self._count_skips(not_finite)
+
+
+def _skip_counters(states: list[dict[str, Any]], device: torch.device) -> list[Tensor]:
+    """Each state's ``skipped_steps`` counter, created once (a new tensor per step is a launch)."""
+    for state in states:
+        if "skipped_steps" not in state:
+            state["skipped_steps"] = torch.zeros((), dtype=torch.int64, device=device)
+    return [state["skipped_steps"] for state in states]
 
 
 def _check_step_in_backward(
