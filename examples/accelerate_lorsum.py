@@ -50,6 +50,7 @@ def main() -> None:
     same = all(torch.equal(row, everyone[0]) for row in everyone)
     accelerator.print(f"ranks hold identical factors: {same}")
     optimizer.optimizer.capture.remove()  # prepare() wrapped the lorsum optimizer
+    accelerator.wait_for_everyone()  # leave together (see examples/torchrun_lorsum.py)
     accelerator.end_training()
 
 

@@ -52,6 +52,9 @@ def main() -> None:
             mb = optimizer.reducer.bytes_reduced / 30 / 2**10
             print(f"optimizer all-reduce: {mb:.2f} KiB per step")
         optimizer.capture.remove()
+        # Leave together: a rank that tears down its connections while the other is still
+        # finishing its last collective can make gloo abort that other rank.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
