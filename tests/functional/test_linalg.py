@@ -88,3 +88,18 @@ def test_an_eigh_that_fails_to_converge_gives_nan_not_an_exception(monkeypatch):
     Z = prox_solve(torch.eye(2, dtype=torch.float64), torch.ones(2, 1, dtype=torch.float64),
                    torch.zeros(2, 1, dtype=torch.float64), 0.0)  # fmt: skip
     assert torch.isnan(Z).all()
+
+
+def test_a_non_finite_matrix_in_a_stack_blanks_only_its_own_eigenpairs():
+    from lorsum.functional.linalg import symmetric_eigh
+
+    M = randn(3, 4, 4, seed=0, dtype=torch.float64)
+    M = M @ M.mT
+    M[1, 0, 0] = float("nan")
+    values, vectors = symmetric_eigh(M)
+    assert torch.isnan(values[1]).all()
+    assert torch.isnan(vectors[1]).all()
+    for i in (0, 2):
+        alone_values, alone_vectors = symmetric_eigh(M[i])
+        torch.testing.assert_close(values[i], alone_values)
+        torch.testing.assert_close(vectors[i].abs(), alone_vectors.abs())

@@ -83,17 +83,20 @@ def symmetric_eigh(M: Tensor) -> tuple[Tensor, Tensor]:
     Grams formed as products are symmetric only up to rounding, so the symmetric part is
     decomposed. A non-finite ``M`` (a NaN gradient upstream) or a LAPACK failure to converge (a
     finite but astronomically large Gram, as in a diverging run) gives NaN eigenvalues and
-    vectors instead of an exception, so the optimizers' finiteness guards skip that step. No
-    value is read back from the device except when ``eigh`` itself raises.
+    vectors instead of an exception, so the optimizers' finiteness guards skip that step. In a
+    stack ``(G, r, r)`` a non-finite member gives NaN for itself alone; a failure to converge,
+    which LAPACK reports for the whole call, gives NaN for the whole stack. No value is read
+    back from the device except when ``eigh`` itself raises.
     """
-    finite = torch.isfinite(M).all()
+    # Per matrix: in a stack, one non-finite member must not blank the others.
+    finite = torch.isfinite(M).flatten(-2).all(-1)[..., None, None]
     safe = torch.where(finite, 0.5 * (M + M.mT), torch.zeros_like(M))
     try:
         eigvals, V = torch.linalg.eigh(safe)
     except torch.linalg.LinAlgError:
         return torch.full_like(M[..., 0], float("nan")), torch.full_like(M, float("nan"))
     nan = float("nan")
-    return torch.where(finite, eigvals, nan), torch.where(finite, V, nan)
+    return torch.where(finite[..., 0], eigvals, nan), torch.where(finite, V, nan)
 
 
 def _limit_prox_solve(gram: Tensor, rhs: Tensor, anchor: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from lorsum.optim._base import (
     _check_fraction,
     _check_non_negative,
 )
+from lorsum.optim._stacking import hyperparameter_key, stack, stack_terms
 
 __all__ = ["LoRSum"]
 
@@ -165,8 +166,8 @@ class LoRSum(LoRAOptimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32)
         lr, s, beta = group["lr"], group["lora_scaling"], group["momentum"]
         # G_s = s·∂L/∂W per pair, as pairs (Sᵀ, X) or one dense matrix; stacked term by term.
-        gradient = _stack_terms([captured.terms() for _, _, _, captured in members])
-        B, A = _stack(Bs), _stack(As)
+        gradient = stack_terms([captured.terms() for _, _, _, captured in members])
+        B, A = stack(Bs), stack(As)
         options: dict[str, Any] = {
             "num_iters": group["num_iters"],
             "compute_dtype": self._compute_dtype(group),
@@ -183,7 +184,7 @@ class LoRSum(LoRAOptimizer):
         if beta > 0:
             buffers = [self._low_rank_momentum(group, A_i, B_i) for _, A_i, B_i, _ in members]
             M_Bs, M_As = [M_B for M_B, _ in buffers], [M_A for _, M_A in buffers]
-            M_B, M_A = _stack(M_Bs), _stack(M_As)
+            M_B, M_A = stack(M_Bs), stack(M_As)
             terms.append((M_B, M_A))
             weights.append(-lr * beta / s)
         B_new, A_new = lorsum(terms, weights, (B, A), damping=group["damping"] * lr / s, **options)
@@ -211,30 +212,6 @@ def _captured_numel(captured: CapturedGradient) -> int:
     )
 
 
-def _stack(tensors: list[Tensor]) -> Tensor:
-    """``(G, …)`` from ``G`` same-shape tensors; a view, not a copy, when ``G = 1``.
-
-    Transposed views (the captured ``Sᵀ``) are stacked untransposed and transposed back: a
-    strided transposing copy of ``N × m`` rows costs several times a contiguous one.
-    """
-    if len(tensors) == 1:
-        return tensors[0].unsqueeze(0)
-    if all(t.ndim == 2 and not t.is_contiguous() and t.mT.is_contiguous() for t in tensors):
-        return torch.stack([t.mT for t in tensors]).mT
-    return torch.stack(tensors)
-
-
-def _stack_terms(per_pair: list[list[Any]]) -> list[Any]:
-    """Term ``j`` of every pair, stacked: ``[(P_j (G, m, k), Q_j (G, k, n)) or D_j (G, m, n)]``."""
-    stacked: list[Any] = []
-    for term in zip(*per_pair, strict=True):
-        if isinstance(term[0], tuple):
-            stacked.append((_stack([P for P, _ in term]), _stack([Q for _, Q in term])))
-        else:
-            stacked.append(_stack(list(term)))
-    return stacked
-
-
 def _stack_key(group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient) -> Any:
     """Pairs with equal keys can be stepped as one stack."""
     layout = tuple(
@@ -243,18 +220,8 @@ def _stack_key(group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGr
         else (tuple(t.shape), t.dtype)
         for t in captured.terms()
     )
-    hyperparameters = tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "name"))
     return (
         (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device),
         (layout, captured.averaged),
-        hyperparameters,
+        hyperparameter_key(group),
     )
-
-
-def _hashable(value: Any) -> Any:
-    """A group value as part of a key: lists as tuples; tensors (scheduled rates) by identity."""
-    if isinstance(value, list):
-        return tuple(_hashable(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
-    return value

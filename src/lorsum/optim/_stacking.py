@@ -1,0 +1,77 @@
+"""Stacks: LoRA pairs of equal shapes, dtypes and hyperparameters stepped as one batch.
+
+A model has many same-shape adapters (every layer's q, k, v, ...). Stepping them one by one is a
+Python loop of small kernels (r×r solves, thin products), each too small to fill a GPU; stacking
+them makes one batched kernel per operation. These helpers build the stacks; each optimizer
+decides what goes in its key and how large a stack may be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["hyperparameter_key", "split_by_size", "stack", "stack_terms"]
+
+Item = TypeVar("Item")
+
+
+def stack(tensors: list[Tensor]) -> Tensor:
+    """``(G, …)`` from ``G`` same-shape tensors; a view, not a copy, when ``G = 1``.
+
+    Transposed views (the captured ``Sᵀ``) are stacked untransposed and transposed back: a
+    strided transposing copy of ``N × m`` rows costs several times a contiguous one.
+    """
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(0)
+    if all(t.ndim == 2 and not t.is_contiguous() and t.mT.is_contiguous() for t in tensors):
+        return torch.stack([t.mT for t in tensors]).mT
+    return torch.stack(tensors)
+
+
+def stack_terms(per_pair: list[list[Any]]) -> list[Any]:
+    """Term ``j`` of every pair, stacked: ``[(P_j (G, m, k), Q_j (G, k, n)) or D_j (G, m, n)]``."""
+    stacked: list[Any] = []
+    for term in zip(*per_pair, strict=True):
+        if isinstance(term[0], tuple):
+            stacked.append((stack([P for P, _ in term]), stack([Q for _, Q in term])))
+        else:
+            stacked.append(stack(list(term)))
+    return stacked
+
+
+def hyperparameter_key(group: dict[str, Any]) -> tuple[Any, ...]:
+    """A param group's hyperparameters as a hashable key (its params and name left out)."""
+    return tuple((k, _hashable(v)) for k, v in sorted(group.items()) if k not in ("params", "name"))
+
+
+def split_by_size(
+    members: Iterable[Item], numel: Callable[[Item], int], limit: int
+) -> list[list[Item]]:
+    """Consecutive chunks of ``members`` whose summed ``numel`` stays within ``limit``.
+
+    A member larger than ``limit`` is a chunk of its own: for the optimizers whose stacked
+    work holds full-size (m×n) buffers, this bounds the extra memory stacking costs.
+    """
+    chunks: list[list[Item]] = []
+    size = 0
+    for item in members:
+        n = numel(item)
+        if not chunks or size + n > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += n
+    return chunks
+
+
+def _hashable(value: Any) -> Hashable:
+    """A group value as part of a key: lists as tuples; tensors (scheduled rates) by identity."""
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
