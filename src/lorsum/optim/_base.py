@@ -512,13 +512,20 @@ class LoRAOptimizer(Optimizer):
             self._torch_step(group, params, [p.grad for p in params], group["dense_optimizer"])
 
     def _torch_step(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], algorithm: str
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        algorithm: str,
+        *,
+        foreach: bool = False,
     ) -> None:
         """Torch's own ``"sgd"`` or ``"adamw"`` update of ``params`` along ``grads``.
 
         The math is ``torch.optim``'s functional code, not a rewrite; its state (``step``,
         ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) lives in ``self.state`` under
-        torch's names, so it saves and loads like torch's optimizers.
+        torch's names, so it saves and loads like torch's optimizers. ``foreach=True`` is
+        torch's multi-tensor implementation: a few kernels for all of ``params``.
         """
         if algorithm == "sgd":
             buffers = [self.state[p].get("momentum_buffer") for p in params]
@@ -526,6 +533,7 @@ class LoRAOptimizer(Optimizer):
                 params, grads, buffers,
                 weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
                 dampening=0.0, nesterov=group.get("nesterov", False), maximize=False,
+                foreach=foreach,
             )  # fmt: skip
             if group["momentum"] > 0:
                 for p, buf in zip(params, buffers, strict=True):
@@ -543,7 +551,7 @@ class LoRAOptimizer(Optimizer):
             [self.state[p]["exp_avg"] for p in params],
             [self.state[p]["exp_avg_sq"] for p in params],
             [], [self.state[p]["step"] for p in params],
-            foreach=False, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
+            foreach=foreach, decoupled_weight_decay=True, amsgrad=False, beta1=beta1, beta2=beta2,
             lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False,
         )  # fmt: skip
 

@@ -7,16 +7,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lorsum.capture import CapturedGradient
 from lorsum.functional.preconditioning import riemannian_precondition
 from lorsum.optim._base import (
     LoRAOptimizer,
+    PairWork,
     _check_betas,
     _check_choice,
     _check_fraction,
     _check_non_negative,
     _check_positive,
 )
+from lorsum.optim._stacking import hyperparameter_key
 
 __all__ = ["PrecondLoRA"]
 
@@ -51,6 +52,9 @@ class PrecondLoRA(LoRAOptimizer):
         order: ``"simultaneous"`` (default) or ``"sequential"``.
         momentum: SGD momentum (default: 0). betas, eps: AdamW's (defaults: (0.9, 0.999), 1e-8).
         weight_decay: as the base optimizer applies it (default: 0).
+        foreach: step pairs of equal shapes, dtypes and hyperparameters as one stack (default):
+            one batched r×r solve per factor and one multi-tensor torch update for all of them;
+            ``False`` steps every pair alone, with torch's single-tensor update.
         max_grad_norm: global clipping of the raw gradients, before preconditioning.
         nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
             :class:`~lorsum.optim.LoRAOptimizer`).
@@ -71,6 +75,7 @@ class PrecondLoRA(LoRAOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
+        foreach: bool = True,
         max_grad_norm: float | None = None,
         nonfinite: str = "skip_pair",
     ) -> None:
@@ -84,6 +89,7 @@ class PrecondLoRA(LoRAOptimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "nesterov": False,
+            "foreach": foreach,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite)
 
@@ -95,34 +101,55 @@ class PrecondLoRA(LoRAOptimizer):
         _check_fraction(group, "momentum")
         _check_betas(group)
         _check_positive(group, "eps")
+        if not isinstance(group["foreach"], bool):
+            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be True or False)")
 
-    def _step_lora_group(
-        self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
-    ) -> None:
-        if A.grad is None and B.grad is None:
-            return
-        grad_A = A.grad if A.grad is not None else torch.zeros_like(A)
-        grad_B = B.grad if B.grad is not None else torch.zeros_like(B)
-        damping = group["damping"]
+    def _step_lora_groups(self, work: list[PairWork]) -> None:
+        # Pairs that agree on shapes, dtypes, hyperparameters, which gradients exist and which
+        # moments they hold are stepped as one stack: one batched r×r solve per factor and one
+        # multi-tensor torch update for all of them, instead of a Python loop per layer.
+        stacks: dict[Any, list[tuple[dict[str, Any], Tensor, Tensor]]] = {}
+        for group, A, B, _ in work:
+            if A.grad is None and B.grad is None:
+                continue
+            key = (
+                (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device),
+                (A.grad is None, B.grad is None, tuple(self._guarded(A, B))),
+                hyperparameter_key(group),
+            )
+            stacks.setdefault(key if group["foreach"] else id(B), []).append((group, A, B))
+        for members in stacks.values():
+            self._step_stack(members)
+
+    def _step_stack(self, members: list[tuple[dict[str, Any], Tensor, Tensor]]) -> None:
+        group = members[0][0]  # every member has the same hyperparameters (the stack's key)
+        As, Bs = [A for _, A, _ in members], [B for _, _, B in members]
+        A, B = torch.stack(As), torch.stack(Bs)
+        grad_A = torch.stack([a.grad if a.grad is not None else torch.zeros_like(a) for a in As])
+        grad_B = torch.stack([b.grad if b.grad is not None else torch.zeros_like(b) for b in Bs])
+        damping, base, foreach = group["damping"], group["base"], group["foreach"]
         # torch's update writes A, B and their moments in place, so a non-finite gradient would
-        # reach all of them: keep the pre-step values and restore them below if so.
-        before = {key: value.clone() for key, value in self._guarded(A, B).items()}
+        # reach all of them: keep the pre-step values (a moment this step creates starts from
+        # zeros, torch's initial value; for SGD's buffer, dampening 0 makes a zero buffer and no
+        # buffer step alike) and let the commit below decide what each pair keeps.
+        before = {key: torch.stack(_slot(self, key, As, Bs)) for key in self._guarded(As[0], Bs[0])}
         pre_A, pre_B = riemannian_precondition(A, B, grad_A, grad_B, damping=damping)
         if group["order"] == "simultaneous":
-            self._torch_step(group, [A, B], [pre_A, pre_B], group["base"])
+            directions = [*pre_A.unbind(0), *pre_B.unbind(0)]
+            self._torch_step(group, As + Bs, directions, base, foreach=foreach)
         else:
-            self._torch_step(group, [A], [pre_A], group["base"])
-            _, pre_B = riemannian_precondition(A, B, grad_A, grad_B, damping=damping)
-            self._torch_step(group, [B], [pre_B], group["base"])
+            self._torch_step(group, As, list(pre_A.unbind(0)), base, foreach=foreach)
+            # B's preconditioner is built from the new A (the official code's order).
+            _, pre_B = riemannian_precondition(torch.stack(As), B, grad_A, grad_B, damping=damping)
+            self._torch_step(group, Bs, list(pre_B.unbind(0)), base, foreach=foreach)
         updates = []
-        for key, target in self._guarded(A, B).items():
-            # A moment created by this step started from zeros (torch's initial value; for SGD's
-            # buffer, dampening 0 makes a zero buffer and no buffer step alike).
-            old = before.get(key)
-            new = target.clone()
-            target.copy_(torch.zeros_like(target) if old is None else old)
-            updates.append((target, new))
-        self._commit_(self.state[B], updates)
+        for key in self._guarded(As[0], Bs[0]):  # with the moments this step created
+            targets = _slot(self, key, As, Bs)
+            new = torch.stack(targets)
+            old = before[key] if key in before else torch.zeros_like(new)
+            torch._foreach_copy_(targets, list(old.unbind(0)))  # the commit writes what is kept
+            updates.append((targets, old, new))
+        self._commit_stack_([self.state[b] for b in Bs], updates)
 
     def _guarded(self, A: Tensor, B: Tensor) -> dict[tuple[int, str], Tensor]:
         """``A``, ``B`` and their moment tensors (not torch's CPU ``step`` count, which advances
@@ -134,3 +161,11 @@ class PrecondLoRA(LoRAOptimizer):
                 if value is not None:
                     out[(i, key)] = value
         return out
+
+
+def _slot(
+    opt: PrecondLoRA, key: tuple[int, str], As: list[Tensor], Bs: list[Tensor]
+) -> list[Tensor]:
+    """The tensor ``key`` names (a factor, or one of its moments) for every pair of a stack."""
+    factors = As if key[0] == 0 else Bs
+    return [p if key[1] == "param" else opt.state[p][key[1]] for p in factors]
