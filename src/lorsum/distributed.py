@@ -68,7 +68,6 @@ class MeanReducer:
     first (see :attr:`world_size`).
 
     Attributes:
-        group: the process group.
         world_size: ``K``, the number of ranks in it.
         calls: collectives launched so far (one per dtype and device of each call).
         bytes_reduced: payload bytes this rank has sent into them so far (the tensors' own size,
@@ -76,10 +75,19 @@ class MeanReducer:
     """
 
     def __init__(self, group: Any) -> None:
-        self.group = group
+        # The default group is looked up at each call, not held. Optimizers often live in
+        # reference cycles until the garbage collector runs, possibly at interpreter shutdown;
+        # a reference from one would keep gloo's worker threads alive past
+        # destroy_process_group(), and their teardown that late can abort the process.
+        self._group = None if group is torch.distributed.group.WORLD else group
         self.world_size = torch.distributed.get_world_size(group)
         self.calls = 0
         self.bytes_reduced = 0
+
+    @property
+    def group(self) -> Any:
+        """The process group (the current default group if it was given as the default)."""
+        return torch.distributed.group.WORLD if self._group is None else self._group
 
     def __call__(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """The mean over ranks of each tensor (new tensors of the same shapes and dtypes)."""
@@ -91,7 +99,7 @@ class MeanReducer:
         for indices in buckets.values():
             members = [tensors[i] for i in indices]
             flat = torch.cat([t.reshape(-1) for t in members])  # a copy: the inputs stay local
-            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=self.group)
+            torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM, group=self._group)
             flat.div_(self.world_size)
             self.calls += 1
             self.bytes_reduced += flat.numel() * flat.element_size()

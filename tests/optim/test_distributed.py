@@ -13,6 +13,7 @@ case, so the whole module costs two process launches.
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 from pathlib import Path
@@ -200,7 +201,24 @@ def _reducer_bookkeeping(rank: int, world: int) -> dict[str, Any]:
     mixed = reducer(
         [torch.full((2, 3), float(rank), dtype=torch.float64), torch.tensor([rank + 1.0])]
     )
-    return {"same": same, "mixed": mixed, "calls": reducer.calls, "bytes": reducer.bytes_reduced}
+    # An optimizer must not hold the default group: it would outlive destroy_process_group()
+    # for as long as the optimizer does (see MeanReducer).
+    model, _ = make_model()
+    optimizer = lorsum.create_optimizer(model, "lorsum")
+    assert optimizer.reducer is not None
+    held = [
+        holder
+        for holder in gc.get_referrers(dist.group.WORLD)
+        if holder is vars(optimizer.reducer) or holder is optimizer._reducers
+    ]
+    optimizer.capture.remove()
+    return {
+        "same": same,
+        "mixed": mixed,
+        "calls": reducer.calls,
+        "bytes": reducer.bytes_reduced,
+        "holds_default_group": bool(held),
+    }
 
 
 def _spawn(world: int, tmp: Path) -> list[dict[str, Any]]:
@@ -284,6 +302,7 @@ def test_the_reducer_averages_in_one_collective_per_dtype(ranks):
         assert torch.allclose(info["same"][1], torch.full((4,), mean))
         assert info["mixed"][1].dtype == torch.float32
         assert torch.allclose(info["mixed"][1], torch.tensor([(world + 1) / 2]))
+        assert not info["holds_default_group"]
 
 
 @pytest.mark.parametrize("key", ["fsdp2-lorsum", "fsdp2-precond_adamw", "fsdp2-swapped"])

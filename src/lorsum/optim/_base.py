@@ -431,9 +431,11 @@ class LoRAOptimizer(Optimizer):
         group = resolve_process_group(self.process_group)
         if group is None:
             return None
-        if group not in self._reducers:
-            self._reducers[group] = MeanReducer(group)
-        return self._reducers[group]
+        # Keyed by None for the default group, which the optimizer must not hold (see MeanReducer).
+        key = None if group is torch.distributed.group.WORLD else group
+        if key not in self._reducers:
+            self._reducers[key] = MeanReducer(group)
+        return self._reducers[key]
 
     def _reducer_for(self, captured: CapturedGradient) -> MeanReducer | None:
         """The reducer for ``captured``'s products; ``None`` once it already is the global mean."""
