@@ -1,6 +1,10 @@
 """LoRA-Pro's math: the equivalent gradient, its closed-form adjustment of the LoRA gradients, the
 symmetric Sylvester solve that picks the free ``X``, and the full-space Adam step it projects.
 
+Every function except :func:`solve_symmetric_sylvester` also takes stacks of pairs: the same
+leading batch dims ``…`` on every argument (``A (…, r, n)``, ``B (…, m, r)``, moments
+``(…, m, n)``), each member computed as if alone, with one batched kernel per operation.
+
 Reference: Wang, Zhang et al., "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?",
 arXiv:2407.18242; official code github.com/mrflogs/LoRA-Pro @ fe26027. Spec:
 ``shared/spec/related-methods.md`` §1.
@@ -72,10 +76,10 @@ def solve_symmetric_sylvester(
 
 
 def lora_pro_x(
-    A: Tensor,  # (r, n)
-    B: Tensor,  # (m, r)
-    grad_A: Tensor,  # (r, n)
-    grad_B: Tensor,  # (m, r)
+    A: Tensor,  # (…, r, n)
+    B: Tensor,  # (…, m, r)
+    grad_A: Tensor,  # (…, r, n)
+    grad_B: Tensor,  # (…, m, r)
     *,
     scaling: float,
     damping: float,
@@ -104,33 +108,35 @@ def lora_pro_x(
     (``B = 0`` gives ``X = 0``). Cost ``O((m + n) r² + r³)``.
 
     Args:
-        A: ``(r, n)``, the down factor.
-        B: ``(m, r)``, the up factor (may be zero when ``damping > 0``).
-        grad_A: ``∇_A (r, n)``, autograd's gradient of ``A`` (it includes ``s``).
-        grad_B: ``∇_B (m, r)``, autograd's gradient of ``B``.
+        A: ``(…, r, n)``, the down factor; ``…`` are optional batch dims (a stack of pairs),
+            the same on every argument.
+        B: ``(…, m, r)``, the up factor (may be zero when ``damping > 0``).
+        grad_A: ``∇_A (…, r, n)``, autograd's gradient of ``A`` (it includes ``s``).
+        grad_B: ``∇_B (…, m, r)``, autograd's gradient of ``B``.
         scaling: ``s > 0``, the LoRA scale in ``W = W0 + s B A``.
         damping: ``δ >= 0``. ``δ = 0`` needs ``B`` of full column rank and ``A`` of full row
             rank; otherwise the result is not finite.
         compute_dtype: dtype of the r×r algebra (default: promoted inputs, at least float32).
 
     Returns:
-        ``X (r, r)`` in the compute dtype.
+        ``X (…, r, r)`` in the compute dtype.
 
     Raises:
-        ValueError: mismatched shapes, ``scaling <= 0`` or ``damping < 0``.
+        ValueError: mismatched shapes (trailing or batch dims), ``scaling <= 0`` or
+            ``damping < 0``.
     """
     return _adjust(A, B, grad_A, grad_B, scaling, damping, "sylvester", compute_dtype)[2]
 
 
 def lora_pro_gradients(
-    A: Tensor,  # (r, n)
-    B: Tensor,  # (m, r)
-    grad_A: Tensor,  # (r, n)
-    grad_B: Tensor,  # (m, r)
+    A: Tensor,  # (…, r, n)
+    B: Tensor,  # (…, m, r)
+    grad_A: Tensor,  # (…, r, n)
+    grad_B: Tensor,  # (…, m, r)
     *,
     scaling: float,
     damping: float,
-    X: Tensor | str = "sylvester",  # (r, r) or "sylvester"
+    X: Tensor | str = "sylvester",  # (r, r), (…, r, r) or "sylvester"
     compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     r"""LoRA-Pro's adjusted gradients, which move ``W`` along ``G``'s tangent-space projection.
@@ -158,20 +164,23 @@ def lora_pro_gradients(
     LoRA-FA update. Cost ``O((m + n) r² + r³)``: the dense ``G`` is never formed.
 
     Args:
-        A: ``(r, n)``, the down factor.
-        B: ``(m, r)``, the up factor.
-        grad_A: ``∇_A (r, n)``, autograd's gradient of ``A`` (it includes ``s``).
-        grad_B: ``∇_B (m, r)``, autograd's gradient of ``B``.
+        A: ``(…, r, n)``, the down factor; ``…`` are optional batch dims (a stack of pairs),
+            the same on every argument.
+        B: ``(…, m, r)``, the up factor.
+        grad_A: ``∇_A (…, r, n)``, autograd's gradient of ``A`` (it includes ``s``).
+        grad_B: ``∇_B (…, m, r)``, autograd's gradient of ``B``.
         scaling: ``s > 0``.
         damping: ``δ >= 0``, added to both Grams. ``δ = 0`` needs full-rank factors.
-        X: ``"sylvester"`` or a fixed ``(r, r)`` tensor.
+        X: ``"sylvester"`` or a fixed tensor: ``(r, r)`` for every member of a stack, or
+            ``(…, r, r)`` one per member.
         compute_dtype: dtype of the r×r algebra (default: promoted inputs, at least float32).
 
     Returns:
-        ``(g_A (r, n), g_B (m, r))`` in the dtypes of ``grad_A`` and ``grad_B``.
+        ``(g_A (…, r, n), g_B (…, m, r))`` in the dtypes of ``grad_A`` and ``grad_B``.
 
     Raises:
-        ValueError: mismatched shapes, ``scaling <= 0``, ``damping < 0`` or an unknown ``X``.
+        ValueError: mismatched shapes (trailing or batch dims), ``scaling <= 0``,
+            ``damping < 0`` or an unknown ``X``.
 
     Example:
         >>> A, B = torch.randn(2, 5), torch.randn(4, 2)
@@ -185,10 +194,10 @@ def lora_pro_gradients(
 
 
 def equivalent_gradient(
-    A: Tensor,  # (r, n)
-    B: Tensor,  # (m, r)
-    g_A: Tensor,  # (r, n)
-    g_B: Tensor,  # (m, r)
+    A: Tensor,  # (…, r, n)
+    B: Tensor,  # (…, m, r)
+    g_A: Tensor,  # (…, r, n)
+    g_B: Tensor,  # (…, m, r)
     *,
     scaling: float,
 ) -> Tensor:
@@ -199,33 +208,34 @@ def equivalent_gradient(
         \tilde g = s\,(B\, g_A + g_B\, A), \qquad
         W(\eta) = W0 + s (B - \eta g_B)(A - \eta g_A) = W(0) - \eta \tilde g + O(\eta^2)
 
-    **This forms an m×n matrix.** It is meant for tests, oracles and LoRA-Pro's ``full_adam``
-    mode (whose Adam moments are m×n anyway), not for low-rank paths.
+    **This forms an m×n matrix** (one per member of a stack). It is meant for tests, oracles
+    and LoRA-Pro's ``full_adam`` mode (whose Adam moments are m×n anyway), not for low-rank
+    paths.
 
     Args:
-        A: ``(r, n)``.
-        B: ``(m, r)``.
-        g_A: ``(r, n)``, the direction of ``A``.
-        g_B: ``(m, r)``, the direction of ``B``.
+        A: ``(…, r, n)``; ``…`` are optional batch dims, the same on every argument.
+        B: ``(…, m, r)``.
+        g_A: ``(…, r, n)``, the direction of ``A``.
+        g_B: ``(…, m, r)``, the direction of ``B``.
         scaling: ``s``.
 
     Returns:
-        ``g̃ (m, n)`` in the promoted dtype of the inputs.
+        ``g̃ (…, m, n)`` in the promoted dtype of the inputs.
 
     Raises:
-        ValueError: mismatched shapes.
+        ValueError: mismatched shapes (trailing or batch dims).
     """
     _check_shapes(A, B, g_A, g_B)
-    return torch.addmm(g_B @ A, B, g_A).mul_(scaling)
+    return _addmm(g_B @ A, B, g_A).mul_(scaling)
 
 
 def lora_pro_adam(
-    A: Tensor,  # (r, n)
-    B: Tensor,  # (m, r)
-    grad_A: Tensor,  # (r, n)
-    grad_B: Tensor,  # (m, r)
-    exp_avg: Tensor,  # M (m, n)
-    exp_avg_sq: Tensor,  # V (m, n)
+    A: Tensor,  # (…, r, n)
+    B: Tensor,  # (…, m, r)
+    grad_A: Tensor,  # (…, r, n)
+    grad_B: Tensor,  # (…, m, r)
+    exp_avg: Tensor,  # M (…, m, n)
+    exp_avg_sq: Tensor,  # V (…, m, n)
     *,
     step: int | float,
     scaling: float,
@@ -251,16 +261,18 @@ def lora_pro_adam(
     the standard Adam counter, ``1`` on the first call (the official code's counter is one ahead).
 
     **Memory:** the moments are m×n, and the step makes a few m×n temporaries (``g̃``, the new
-    moments, ``Δ``). The m×n work (``O(m n r)``) runs in the compute dtype.
+    moments, ``Δ``), all of them per member for a stack: a stack of ``G`` pairs holds them for
+    all ``G`` at once. The m×n work (``O(m n r)``) runs in the compute dtype.
 
     Args:
-        A: ``(r, n)``.
-        B: ``(m, r)``.
-        grad_A: ``∇_A (r, n)``, autograd's gradient of ``A``.
-        grad_B: ``∇_B (m, r)``, autograd's gradient of ``B``.
-        exp_avg: ``M_{t-1} (m, n)``, zeros before the first step; not modified.
-        exp_avg_sq: ``V_{t-1} (m, n)``, zeros before the first step; not modified.
-        step: ``t >= 1``, the index of this step.
+        A: ``(…, r, n)``; ``…`` are optional batch dims (a stack of pairs), the same on every
+            tensor argument.
+        B: ``(…, m, r)``.
+        grad_A: ``∇_A (…, r, n)``, autograd's gradient of ``A``.
+        grad_B: ``∇_B (…, m, r)``, autograd's gradient of ``B``.
+        exp_avg: ``M_{t-1} (…, m, n)``, zeros before the first step; not modified.
+        exp_avg_sq: ``V_{t-1} (…, m, n)``, zeros before the first step; not modified.
+        step: ``t >= 1``, the index of this step (one for the whole stack).
         scaling: ``s > 0``.
         betas: ``(β₁, β₂)``, each in ``[0, 1)``.
         eps: Adam's ``ε > 0``.
@@ -268,17 +280,18 @@ def lora_pro_adam(
         compute_dtype: dtype of all the algebra (default: promoted inputs, at least float32).
 
     Returns:
-        ``(d_A (r, n), d_B (m, r), M_t (m, n), V_t (m, n))``, each in the dtype of the matching
-        input (``A``, ``B``, ``exp_avg``, ``exp_avg_sq``).
+        ``(d_A (…, r, n), d_B (…, m, r), M_t (…, m, n), V_t (…, m, n))``, each in the dtype of
+        the matching input (``A``, ``B``, ``exp_avg``, ``exp_avg_sq``).
 
     Raises:
-        ValueError: mismatched shapes, or ``step < 1``, ``eps <= 0``, betas out of ``[0, 1)``,
-            ``scaling <= 0``, ``damping < 0``.
+        ValueError: mismatched shapes (trailing or batch dims), or ``step < 1``, ``eps <= 0``,
+            betas out of ``[0, 1)``, ``scaling <= 0``, ``damping < 0``.
     """
-    m, n = B.shape[0], A.shape[1]
-    if exp_avg.shape != (m, n) or exp_avg_sq.shape != (m, n):
+    _check_shapes(A, B, grad_A, grad_B)
+    moments = (*A.shape[:-2], B.shape[-2], A.shape[-1])  # (…, m, n)
+    if exp_avg.shape != moments or exp_avg_sq.shape != moments:
         raise ValueError(
-            f"moments must be ({m}, {n}), got {tuple(exp_avg.shape)} and {tuple(exp_avg_sq.shape)}"
+            f"moments must be {moments}, got {tuple(exp_avg.shape)} and {tuple(exp_avg_sq.shape)}"
         )
     if not step >= 1:
         raise ValueError(f"Invalid step: {step} (must be >= 1)")
@@ -290,7 +303,8 @@ def lora_pro_adam(
     dtype = compute_dtype or default_compute_dtype(A, B, grad_A, grad_B)
     A_c, B_c = A.to(dtype), B.to(dtype)
     # The equivalent gradient does not depend on X: X = 0 skips the Sylvester solve.
-    zero = torch.zeros(A.shape[0], A.shape[0], dtype=dtype, device=A.device)
+    r = A.shape[-2]
+    zero = torch.zeros(*A.shape[:-2], r, r, dtype=dtype, device=A.device)
     g_A, g_B, _ = _adjust(A_c, B_c, grad_A, grad_B, scaling, damping, zero, dtype)
     g_eq = equivalent_gradient(A_c, B_c, g_A, g_B, scaling=scaling)
     M = torch.lerp(exp_avg.to(dtype), g_eq, 1.0 - beta1)
@@ -311,9 +325,15 @@ def lora_pro_adam(
 
 
 def _check_shapes(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor) -> None:
-    if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+    if A.ndim < 2 or B.ndim < 2 or A.shape[-2] != B.shape[-1]:
         raise ValueError(
-            f"expected A (r, n) and B (m, r), got shapes {tuple(A.shape)} and {tuple(B.shape)}"
+            f"expected A (r, n) and B (m, r), or stacks (…, r, n) and (…, m, r), got shapes "
+            f"{tuple(A.shape)} and {tuple(B.shape)}"
+        )
+    if A.shape[:-2] != B.shape[:-2]:
+        raise ValueError(
+            f"A and B must have the same batch dims, got shapes {tuple(A.shape)} and "
+            f"{tuple(B.shape)} (batch dims {tuple(A.shape[:-2])} and {tuple(B.shape[:-2])})"
         )
     if grad_A.shape != A.shape or grad_B.shape != B.shape:
         raise ValueError(
@@ -338,12 +358,13 @@ def _adjust(
         raise ValueError(f"Invalid scaling: {scaling} (must be > 0)")
     if not damping >= 0:
         raise ValueError(f"Invalid damping: {damping} (must be >= 0)")
-    r = A.shape[0]
+    r, batch = A.shape[-2], tuple(A.shape[:-2])
     if isinstance(X, str):
         if X != "sylvester":
             raise ValueError(f"Invalid X: {X!r} (must be 'sylvester' or an (r, r) tensor)")
-    elif X.shape != (r, r):
-        raise ValueError(f"X must be ({r}, {r}), got {tuple(X.shape)}")
+    elif X.shape not in ((r, r), (*batch, r, r)):
+        stacked = f" or {(*batch, r, r)}" if batch else ""
+        raise ValueError(f"X must be ({r}, {r}){stacked}, got {tuple(X.shape)}")
     dtype = compute_dtype or default_compute_dtype(A, B, grad_A, grad_B)
     A, B, grad_A, grad_B = A.to(dtype), B.to(dtype), grad_A.to(dtype), grad_B.to(dtype)
     inv_s2 = 1.0 / scaling**2
@@ -369,13 +390,36 @@ def _adjust(
         X = _sylvester_from_eigh(lam_B, U_B, lam_A, U_A, C)
     else:
         X = X.to(dtype)
-    g_A = torch.addmm(u_A, X, A, alpha=1.0, beta=inv_s2)  # u_A / s² + X A
-    g_B = torch.addmm(w_B, B, X, alpha=-1.0, beta=inv_s2)  # w_B / s² − B X
+    g_A = _addmm(u_A, X, A, alpha=1.0, beta=inv_s2)  # u_A / s² + X A
+    g_B = _addmm(w_B, B, X, alpha=-1.0, beta=inv_s2)  # w_B / s² − B X
     return g_A, g_B, X
 
 
+def _addmm(
+    input: Tensor, mat1: Tensor, mat2: Tensor, *, alpha: float = 1.0, beta: float = 1.0
+) -> Tensor:
+    """``β·input + α·(mat1 @ mat2)`` in one kernel, batched over the leading dims of ``input``.
+
+    2-d operands take ``torch.addmm`` (the unbatched path stays exactly what it was); stacks take
+    ``torch.baddbmm`` over the flattened batch dims, with a 2-d ``mat1`` or ``mat2`` (a shared
+    ``X``) broadcast to every member.
+    """
+    if input.ndim == mat1.ndim == mat2.ndim == 2:
+        return torch.addmm(input, mat1, mat2, alpha=alpha, beta=beta)
+    batch = input.shape[:-2]
+
+    def flat(t: Tensor) -> Tensor:
+        return t.expand(*batch, *t.shape[-2:]).flatten(0, -3)
+
+    product = torch.baddbmm(flat(input), flat(mat1), flat(mat2), alpha=alpha, beta=beta)
+    return product.view(input.shape)
+
+
 def _sylvester_from_eigh(lam: Tensor, U: Tensor, mu: Tensor, V: Tensor, C: Tensor) -> Tensor:
-    """``X = U [(Uᵀ C V) ⊘ (λ_i + μ_j)] Vᵀ``: ``P X + X Q = C`` for ``P = UΛUᵀ``, ``Q = VMVᵀ``."""
+    """``X = U [(Uᵀ C V) ⊘ (λ_i + μ_j)] Vᵀ``: ``P X + X Q = C`` for ``P = UΛUᵀ``, ``Q = VMVᵀ``.
+
+    Batched: ``lam (…, p)``, ``U (…, p, p)``, ``mu (…, q)``, ``V (…, q, q)``, ``C (…, p, q)``.
+    """
     return U @ ((U.mT @ C @ V) / (lam.unsqueeze(-1) + mu.unsqueeze(-2))) @ V.mT
 
 
@@ -386,9 +430,10 @@ def _damped_cholesky(gram: Tensor, damping: float, lam: Tensor, U: Tensor) -> Te
     (an indefinite Gram from rounding, with ``δ`` below its rounding level), ``L`` is rebuilt from
     them: ``gram + δI ≈ (U D)(U D)ᵀ`` with ``D = diag(√lam)``, and the QR factor ``R`` of
     ``(U D)ᵀ`` satisfies ``RᵀR = (U D)(U D)ᵀ``, so ``L = Rᵀ``. The choice is made by
-    ``torch.where``, without reading ``info`` back from the device.
+    ``torch.where``, without reading ``info`` back from the device. Batched over leading dims
+    (``gram (…, r, r)``, ``lam (…, r)``, ``U (…, r, r)``), each member chooses on its own.
     """
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     L, info = torch.linalg.cholesky_ex(gram + damping * eye)
-    fallback = torch.linalg.qr((U * lam.sqrt()).mT, mode="r").R.mT
-    return torch.where(info == 0, L, fallback)
+    fallback = torch.linalg.qr((U * lam.sqrt().unsqueeze(-2)).mT, mode="r").R.mT
+    return torch.where((info == 0)[..., None, None], L, fallback)

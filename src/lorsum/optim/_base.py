@@ -241,6 +241,16 @@ class LoRAOptimizer(Optimizer):
                 if dtype is not None and isinstance(value, Tensor) and value.dtype != dtype:
                     state[key] = value.to(dtype)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # torch's load_state_dict takes the saved groups' hyperparameters as they are: a
+        # checkpoint saved before a hyperparameter existed (foreach, for one) loads with its
+        # default, as add_param_group would have filled it in.
+        for group in self.param_groups:
+            if group.get("kind", "lora") == "lora":
+                for key, value in self.defaults.items():
+                    group.setdefault(key, value)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients; with a ``factor_grads=False`` capture also drop its rows.
 

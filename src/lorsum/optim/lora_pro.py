@@ -9,20 +9,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lorsum.capture import CapturedGradient
 from lorsum.functional.linalg import default_compute_dtype
 from lorsum.functional.lora_pro import lora_pro_adam, lora_pro_gradients
 from lorsum.optim._base import (
     LoRAOptimizer,
+    PairWork,
     _check_betas,
     _check_choice,
     _check_non_negative,
     _check_positive,
 )
+from lorsum.optim._stacking import hyperparameter_key, split_by_size, stack
 
 __all__ = ["LoRAPro"]
 
 _MODES = ("full_adam", "sgd")
+
+# In "full_adam" mode a stack of G pairs holds its m×n work for all members at once: copies of
+# the moments M and V, g̃, the new moments and Δ (about six (G, m, n) buffers at the peak, in the
+# compute dtype), where pairs stepped one by one hold one layer's worth at a time. A stack is
+# therefore cut into chunks of at most this many m·n numbers in all (2²⁴: 64 MiB per buffer in
+# float32, some 400 MiB of transients); a pair larger than that is stepped alone (a stack of one
+# copies nothing). Layers that large keep the device busy on their own, and stacking them would
+# only add the copies. "sgd" mode has factor-sized work only: its stacks are not bounded.
+STACK_LIMIT = 2**24
 
 
 class LoRAPro(LoRAOptimizer):
@@ -63,6 +73,16 @@ class LoRAPro(LoRAOptimizer):
     new moments, ``Δ``) and costs ``O(m n r)``. ``"sgd"`` keeps no m×n state and costs
     ``O((m + n) r² + r³)`` per layer.
 
+    **Stacks.** With ``foreach=True`` pairs that agree on the shapes, dtypes and device of their
+    factors, on every hyperparameter (``lora_scaling`` included), on which gradients they have
+    and (in ``"full_adam"`` mode, for the bias correction) on their Adam count ``t`` (a pair that
+    missed a step has a lower one) are stepped as one stack ``(G, …)``: one batched kernel per
+    operation (Grams, ``eigh``, Cholesky, the Sylvester solve, the m×n Adam update) instead of a
+    Python loop of small kernels per layer. In ``"full_adam"`` mode a stack holds at most
+    ``STACK_LIMIT`` (2²⁴) m·n numbers, since its m×n temporaries exist for all members at once.
+    Each member gives what it would alone, up to rounding (the batched kernels sum in another
+    order); a stack of one (every pair with ``foreach=False``) runs the unbatched math.
+
     Gradients: a pair whose ``A.grad`` and ``B.grad`` are both ``None`` is skipped; if only one is
     ``None`` it counts as zero (both factors still move: the adjustment mixes them). Gradient
     clipping (``max_grad_norm``) uses the raw LoRA gradients, before the adjustment, as the
@@ -87,6 +107,8 @@ class LoRAPro(LoRAOptimizer):
         compute_dtype: ``"float32"``, ``"float64"`` or ``None`` (default: the factors' dtype, at
             least float32). In ``"full_adam"`` mode it also sets the dtype of the m×n work.
         max_grad_norm: global clipping of the raw gradients (see :class:`LoRAOptimizer`).
+        foreach: step same-shape pairs as stacks (default: True, see **Stacks** above);
+            ``False`` steps every pair alone.
         nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
             :class:`~lorsum.optim.LoRAOptimizer`).
 
@@ -126,6 +148,7 @@ class LoRAPro(LoRAOptimizer):
         weight_decay: float = 0.0,
         compute_dtype: str | None = None,
         max_grad_norm: float | None = None,
+        foreach: bool = True,
         nonfinite: str = "skip_pair",
     ) -> None:
         defaults = {
@@ -136,6 +159,7 @@ class LoRAPro(LoRAOptimizer):
             "damping": damping,
             "weight_decay": weight_decay,
             "compute_dtype": compute_dtype,
+            "foreach": foreach,
         }
         super().__init__(params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite)
 
@@ -145,43 +169,106 @@ class LoRAPro(LoRAOptimizer):
         _check_choice(group, "mode", _MODES)
         _check_betas(group)
         _check_positive(group, "eps")
+        if not isinstance(group["foreach"], bool):
+            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be True or False)")
 
-    def _step_lora_group(
-        self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
-    ) -> None:
-        if A.grad is None and B.grad is None:
-            return
-        grad_A = A.grad if A.grad is not None else torch.zeros_like(A)
-        grad_B = B.grad if B.grad is not None else torch.zeros_like(B)
+    def _step_lora_groups(self, work: list[PairWork]) -> None:
+        # Pairs that agree on everything the math branches or broadcasts on are stepped as one
+        # stack: one batched kernel per operation for all of them, instead of a Python loop of
+        # tiny r×r kernels per layer.
+        stacks: dict[Any, list[PairWork]] = {}
+        for item in work:
+            group, A, B, _ = item
+            if A.grad is None and B.grad is None:
+                continue
+            key = self._stack_key(group, A, B) if group["foreach"] else id(B)
+            stacks.setdefault(key, []).append(item)
+        for members in stacks.values():
+            if members[0][0]["mode"] == "full_adam":
+                chunks = split_by_size(members, _moment_numel, STACK_LIMIT)
+            else:
+                chunks = [members]
+            for chunk in chunks:
+                self._step_stack(chunk)
+
+    def _stack_key(self, group: dict[str, Any], A: Tensor, B: Tensor) -> Any:
+        """Pairs with equal keys can be stepped as one stack."""
         state = self.state[B]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-        state["step"] += 1
-        dtype = self._compute_dtype(group) or default_compute_dtype(A, B)
+        # "sgd" mode has neither an Adam count nor moments.
+        t: float | None = None
+        moments: tuple[torch.dtype, torch.dtype] | None = None
+        if group["mode"] == "full_adam":
+            # The Adam count t of this step, shared by the stack (bias correction depends on
+            # it). A 0-d CPU tensor, as in torch's Adam: reading it does not wait for the device.
+            t = float(state["step"]) + 1 if "step" in state else 1.0
+            # Loaded moments keep the dtype they were saved in, which may not be B's.
+            if "exp_avg" in state:
+                moments = (state["exp_avg"].dtype, state["exp_avg_sq"].dtype)
+            else:
+                moments = (B.dtype, B.dtype)
+        return (
+            (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device, B.device, moments),
+            (A.grad is not None, B.grad is not None, t),
+            hyperparameter_key(group),
+        )
+
+    def _step_stack(self, members: list[PairWork]) -> None:
+        group = members[0][0]  # every member has the same hyperparameters (the stack's key)
+        As, Bs = [A for _, A, _, _ in members], [B for _, _, B, _ in members]
+        states = [self.state[B] for B in Bs]
+        for state in states:
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+            state["step"] += 1
+        # Stacks are (G, …) tensors (views of the pair's own for G = 1). A stack of one gives
+        # the functional core its 2-d member, so foreach=False is the unbatched step exactly.
+        single = len(members) == 1
+
+        def unstacked(x: Tensor) -> Tensor:  # (G, …) -> what the math is given
+            return x[0] if single else x
+
+        def restacked(x: Tensor) -> Tensor:  # the math's result -> (G, …) for the commit
+            return x.unsqueeze(0) if single else x
+
+        A, B = stack(As), stack(Bs)
+        grad_A = stack([a.grad if a.grad is not None else torch.zeros_like(a) for a in As])
+        grad_B = stack([b.grad if b.grad is not None else torch.zeros_like(b) for b in Bs])
+        dtype = self._compute_dtype(group) or default_compute_dtype(As[0], Bs[0])
         options = {"scaling": group["lora_scaling"], "damping": group["damping"]}
         lr = group["lr"]
+        factors = (unstacked(A), unstacked(B), unstacked(grad_A), unstacked(grad_B))
+        moments: list[tuple[list[Tensor], Tensor, Tensor]] = []
         if group["mode"] == "full_adam":
-            if "exp_avg" not in state:
-                # Full m×n moments, keyed by B (the optimizer's only per-pair state slot).
-                shape = (B.shape[0], A.shape[1])
-                state["exp_avg"] = torch.zeros(shape, dtype=B.dtype, device=B.device)
-                state["exp_avg_sq"] = torch.zeros(shape, dtype=B.dtype, device=B.device)
-            M, V = state["exp_avg"], state["exp_avg_sq"]
+            for state, A_i, B_i in zip(states, As, Bs, strict=True):
+                if "exp_avg" not in state:
+                    # Full m×n moments, keyed by B (the optimizer's only per-pair state slot).
+                    shape = (B_i.shape[0], A_i.shape[1])
+                    state["exp_avg"] = torch.zeros(shape, dtype=B_i.dtype, device=B_i.device)
+                    state["exp_avg_sq"] = torch.zeros(shape, dtype=B_i.dtype, device=B_i.device)
+            Ms = [state["exp_avg"] for state in states]
+            Vs = [state["exp_avg_sq"] for state in states]
+            M, V = stack(Ms), stack(Vs)
             d_A, d_B, M_new, V_new = lora_pro_adam(
-                A, B, grad_A, grad_B, M, V,
-                step=float(state["step"]),  # a CPU tensor: no device sync
+                *factors, unstacked(M), unstacked(V),
+                step=float(states[0]["step"]),  # a CPU tensor, the same for the whole stack
                 betas=group["betas"], eps=group["eps"], compute_dtype=dtype, **options,
             )  # fmt: skip
-            moments = [(M, M_new), (V, V_new)]
+            moments = [(Ms, M, restacked(M_new)), (Vs, V, restacked(V_new))]
         else:
-            d_A, d_B = lora_pro_gradients(A, B, grad_A, grad_B, compute_dtype=dtype, **options)
-            moments = []
+            d_A, d_B = lora_pro_gradients(*factors, compute_dtype=dtype, **options)
         # Decoupled decay of s·BA in W space: √(1 − η·wd) on each factor is (1 − η·wd) on BA.
         shrink = _sqrt_clamped(1.0 - lr * group["weight_decay"])
-        A_new = (A - lr * d_A).mul_(shrink)
-        B_new = (B - lr * d_B).mul_(shrink)
-        # Moments are committed with the factors, so a non-finite step corrupts neither.
-        self._commit_(state, [(B, B_new), (A, A_new), *moments])
+        A_new = (A - lr * restacked(d_A)).mul_(shrink)
+        B_new = (B - lr * restacked(d_B)).mul_(shrink)
+        # Moments are committed with the factors, so a non-finite step corrupts neither; in a
+        # stack, each pair keeps or takes its own values.
+        self._commit_stack_(states, [(Bs, B, B_new), (As, A, A_new), *moments])
+
+
+def _moment_numel(item: PairWork) -> int:
+    """The m·n numbers of one of a pair's m×n buffers: what a stack's memory grows by."""
+    _, A, B, _ = item
+    return B.shape[0] * A.shape[1]
 
 
 def _sqrt_clamped(x: float | Tensor) -> float | Tensor:
