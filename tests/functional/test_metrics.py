@@ -1,11 +1,14 @@
 """Scaled LoRSum's metrics: K-FAC and Shampoo statistics against dense oracles (both diagonal
 routes), running averages with bias correction, damped fractional powers, two-sided
-preconditioning, the scaled Jacobi closed form, and every input error."""
+preconditioning, the scaled Jacobi closed form, stacks of layers (leading dims) against a loop
+over the layers (property tests), and every input error."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lorsum.functional import (
     bias_corrected,
@@ -137,6 +140,94 @@ def test_low_precision_batches_give_float32_statistics():
     assert out.dtype == inp.dtype == torch.float32
 
 
+# --- stacks: leading dims equal a loop over the layers --------------------------------------------
+
+STACK = st.integers(1, 4)
+SIZE = st.integers(1, 24)
+SEED = st.integers(0, 2**16)
+
+
+def _spd(G: int, d: int, *, seed: int) -> torch.Tensor:
+    """``G`` symmetric positive definite ``d × d`` matrices, eigenvalues in about ``[0.5, 1.5]``."""
+    L = randn(G, d, d, seed=seed)
+    return L @ L.mT / d + 0.5 * torch.eye(d, dtype=torch.float64)
+
+
+def _ones(*shape: int) -> torch.Tensor:
+    return torch.ones(*shape)
+
+
+def _assert_each_member(stacked, alone):
+    """``stacked[i]`` equals ``alone[i]`` for every member, tuple by tuple."""
+    for i, member in enumerate(alone):
+        for got, expected in zip(stacked, member, strict=True):
+            assert got.shape[1:] == expected.shape, (i, got.shape, expected.shape)
+            # Batched and single products may block the sums differently: rounding only.
+            torch.testing.assert_close(got[i], expected, rtol=1e-12, atol=1e-12)
+
+
+@given(
+    G=STACK, N=st.integers(1, 12), m=SIZE, n=SIZE, seed=SEED,
+    diagonal=st.booleans(), reduction=st.sampled_from(["mean", "sum"]),
+)  # fmt: skip
+def test_stacked_statistics_equal_a_loop_over_the_layers(G, N, m, n, seed, diagonal, reduction):
+    # Small N against m, n takes Shampoo's N × N Gram route, large N its blocked-G route.
+    X, S = randn(G, N, n, seed=seed), randn(G, N, m, seed=seed + 1)
+    options = {"diagonal": diagonal, "loss_reduction": reduction}
+    for statistics in (kfac_statistics, shampoo_statistics):
+        stacked = statistics(X, S, **options)
+        _assert_each_member(stacked, [statistics(X[i], S[i], **options) for i in range(G)])
+
+
+@given(
+    G=STACK, d=SIZE, seed=SEED, diagonal=st.booleans(),
+    power=st.sampled_from([0.0, 0.25, 0.5, 1.0, -0.5]), damping=st.sampled_from([1e-3, 1.0]),
+)  # fmt: skip
+def test_a_stacked_metric_power_equals_a_loop(G, d, seed, diagonal, power, damping):
+    C = randn(G, d, seed=seed).abs() if diagonal else _spd(G, d, seed=seed) - 0.4 * torch.eye(d)
+    stacked = metric_power(C, damping=damping, power=power, diagonal=diagonal)
+    alone = [metric_power(C[i], damping=damping, power=power) for i in range(G)]
+    _assert_each_member((stacked,), [(M,) for M in alone])
+
+
+def test_a_non_finite_member_of_a_dense_stack_gives_nan_for_itself_alone():
+    C = _spd(3, 5, seed=20)
+    C[1, 2, 2] = float("nan")
+    M = metric_power(C, damping=1e-3, power=0.5, diagonal=False)
+    assert torch.isnan(M[1]).all()
+    for i in (0, 2):
+        torch.testing.assert_close(M[i], metric_power(C[i], damping=1e-3, power=0.5))
+
+
+@given(
+    G=STACK, m=SIZE, n=SIZE, k=st.integers(0, 12), seed=SEED,
+    out_form=st.sampled_from(["diagonal", "dense"]),
+    in_form=st.sampled_from(["diagonal", "dense", "identity"]),
+)  # fmt: skip
+def test_a_stacked_preconditioned_pair_equals_a_loop(G, m, n, k, seed, out_form, in_form):
+    P, Q = randn(G, m, k, seed=seed), randn(G, k, n, seed=seed + 1)
+    M_out = _spd(G, m, seed=seed + 2) if out_form == "dense" else randn(G, m, seed=seed).abs() + 0.5
+    M_in = _spd(G, n, seed=seed + 3) if in_form == "dense" else randn(G, n, seed=seed).abs() + 0.5
+    M_in = None if in_form == "identity" else M_in
+    stacked = precondition_pair(P, Q, M_out, M_in)
+    alone = [
+        precondition_pair(P[i], Q[i], M_out[i], None if M_in is None else M_in[i]) for i in range(G)
+    ]
+    _assert_each_member(stacked, alone)
+
+
+@given(G=STACK, d=SIZE, seed=SEED, dense=st.booleans(), step=st.integers(1, 5))
+def test_a_stacked_running_average_equals_a_loop(G, d, seed, dense, step):
+    shape = (G, d, d) if dense else (G, d)
+    average, new = randn(*shape, seed=seed), randn(*shape, seed=seed + 1)
+    alone = [
+        (bias_corrected(running_average_(average[i].clone(), new[i], 0.9), 0.9, step),)
+        for i in range(G)
+    ]
+    stacked = bias_corrected(running_average_(average.clone(), new, 0.9), 0.9, step)
+    _assert_each_member((stacked,), alone)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "match"),
     [
@@ -205,6 +296,60 @@ def test_low_precision_batches_give_float32_statistics():
             lambda: precondition_pair(torch.ones(3, 2), torch.ones(2, 4), -torch.eye(3), None),
             ValueError,
             r"metric_out is not positive definite",
+        ),
+        (
+            lambda: metric_power(torch.ones(3), damping=0.1, power=0.5, diagonal="yes"),
+            ValueError,
+            r"Invalid diagonal: 'yes'",
+        ),
+        (
+            lambda: metric_power(torch.ones(4, 2, 3), damping=0.1, power=0.5, diagonal=False),
+            ValueError,
+            r"must be square, got shape \(4, 2, 3\)",
+        ),
+        (
+            lambda: metric_power(torch.ones(()), damping=0.1, power=0.5, diagonal=True),
+            ValueError,
+            r"a diagonal statistic needs at least 1 dim, got shape \(\)",
+        ),
+        (
+            lambda: metric_power([1.0], damping=0.1, power=0.5),
+            ValueError,
+            r"statistic must be a tensor, got list",
+        ),
+        (
+            lambda: shampoo_statistics(torch.ones(2, 4, 3), torch.ones(3, 4, 2)),
+            ValueError,
+            r"output_grads must be a stack of matrices of shape \(2,\) \+ \(·, ·\), got "
+            r"shape \(3, 4, 2\)",
+        ),
+        (
+            lambda: kfac_statistics(torch.ones(2, 4, 3), torch.ones(2, 5, 2)),
+            ValueError,
+            r"inputs has 4 rows but output_grads has 5",
+        ),
+        (
+            lambda: precondition_pair(torch.ones(2, 3, 2), torch.ones(2, 4), None, None),
+            ValueError,
+            r"right must be a stack of matrices of shape \(2,\)",
+        ),
+        (
+            lambda: precondition_pair(
+                torch.ones(2, 3, 2), torch.ones(2, 2, 4), torch.ones(3), None
+            ),
+            ValueError,
+            r"metric_out has shape \(3,\); expected \(2, 3\) or \(2, 3, 3\)",
+        ),
+        (
+            lambda: precondition_pair(
+                torch.ones(2, 3, 2),
+                torch.ones(2, 2, 4),
+                torch.stack([torch.eye(3), -torch.eye(3)]),
+                None,
+            ),
+            ValueError,
+            r"metric_out is not positive definite \(member 1 of the stack\) \(Cholesky failed "
+            r"at column 1\)",
         ),
     ],
 )

@@ -48,8 +48,10 @@ PairWork = tuple[dict[str, Any], Tensor, Tensor, CapturedGradient | None]
 class LoRAOptimizer(Optimizer):
     """Base class: validates groups, steps dense groups, clips, and guards against non-finite steps.
 
-    Subclasses implement :meth:`_step_lora_group`. Those that step with the full gradient set
-    ``needs_capture = True`` and receive it from a :class:`~lorsum.GradientCapture`.
+    Subclasses implement :meth:`_step_lora_group` (one pair), or override
+    :meth:`_step_lora_groups` to step same-shape pairs as stacks (:mod:`lorsum.optim._stacking`).
+    Those that step with the full gradient set ``needs_capture = True`` and receive it from a
+    :class:`~lorsum.GradientCapture`.
 
     Args:
         params: param groups from :func:`lorsum.pair_param_groups` and

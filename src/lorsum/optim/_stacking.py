@@ -9,14 +9,29 @@ decides what goes in its key and how large a stack may be.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["hyperparameter_key", "split_by_size", "stack", "stack_terms"]
+if TYPE_CHECKING:
+    from lorsum.capture import CapturedGradient
+
+__all__ = [
+    "STACK_LIMIT",
+    "captured_numel",
+    "hyperparameter_key",
+    "split_by_size",
+    "stack",
+    "stack_terms",
+]
 
 Item = TypeVar("Item")
+
+# A pair whose captured gradient holds more numbers than this is stepped alone even with
+# foreach=True: its products already keep the device busy, and stacking would copy the rows
+# (time, and memory as large as the rows themselves). 2**22 floats: 16 MiB in float32.
+STACK_LIMIT = 2**22
 
 
 def stack(tensors: list[Tensor]) -> Tensor:
@@ -41,6 +56,15 @@ def stack_terms(per_pair: list[list[Any]]) -> list[Any]:
         else:
             stacked.append(stack(list(term)))
     return stacked
+
+
+def captured_numel(captured: CapturedGradient) -> int:
+    """How many numbers a captured gradient holds (its rows, or its dense ``m × n``)."""
+    return sum(
+        t.numel()
+        for term in captured.terms()
+        for t in (term if isinstance(term, tuple) else (term,))
+    )
 
 
 def hyperparameter_key(group: dict[str, Any]) -> tuple[Any, ...]:

@@ -16,14 +16,15 @@ from lorsum.optim._base import (
     _check_fraction,
     _check_non_negative,
 )
-from lorsum.optim._stacking import hyperparameter_key, stack, stack_terms
+from lorsum.optim._stacking import (
+    STACK_LIMIT,
+    captured_numel,
+    hyperparameter_key,
+    stack,
+    stack_terms,
+)
 
 __all__ = ["LoRSum"]
-
-# A pair whose captured gradient holds more numbers than this is stepped alone even with
-# foreach=True: its products already keep the device busy, and stacking would copy the rows
-# (time, and memory as large as the rows themselves). 2**22 floats: 16 MiB in float32.
-STACK_LIMIT = 2**22
 
 
 class LoRSum(LoRAOptimizer):
@@ -151,7 +152,7 @@ class LoRSum(LoRAOptimizer):
             group, A, B, captured = item
             if captured is None:
                 continue
-            stackable = group["foreach"] and _captured_numel(captured) <= STACK_LIMIT
+            stackable = group["foreach"] and captured_numel(captured) <= STACK_LIMIT
             key = _stack_key(group, A, B, captured) if stackable else id(B)
             stacks.setdefault(key, []).append(item)
         for members in stacks.values():
@@ -202,14 +203,6 @@ class LoRSum(LoRAOptimizer):
         self._commit_stack_(states, updates)
         for state in states:
             state["step"] += 1
-
-
-def _captured_numel(captured: CapturedGradient) -> int:
-    return sum(
-        t.numel()
-        for term in captured.terms()
-        for t in (term if isinstance(term, tuple) else (term,))
-    )
 
 
 def _stack_key(group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient) -> Any:

@@ -28,6 +28,7 @@ from lorsum.optim._base import (
     _check_count,
     _check_non_negative,
 )
+from lorsum.optim._stacking import STACK_LIMIT, captured_numel, hyperparameter_key, stack
 
 __all__ = ["ScaledLoRSum"]
 
@@ -114,6 +115,14 @@ class ScaledLoRSum(LoRAOptimizer):
         weight_decay: decoupled weight decay on ``s·B A`` (default: 0).
         momentum_rank: rank ``r'`` of the momentum buffer (default: ``None``, the pair's rank).
         compute_dtype: ``"float32"``, ``"float64"`` or ``None`` (default: at least float32).
+        foreach: step pairs that agree on shapes, dtypes, hyperparameters, step count and the
+            layout of their captured gradient as one stack (default): one batched kernel per
+            operation (statistics, metric power, preconditioning, each half-step's products and
+            r×r solve) for all of them, each pair keeping its own metric averages, momentum and
+            finiteness check. It copies their captured gradients into one buffer per stack, so
+            pairs whose captured gradient holds more than ``STACK_LIMIT`` (2²²) numbers are
+            stepped alone; ``False`` steps every pair alone (a stack of one, the same math),
+            as does ``step_in_backward`` (each pair is stepped when its gradient is complete).
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient; for
             K-FAC it must be built with ``statistics=metric_form``.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`); it
@@ -189,6 +198,7 @@ class ScaledLoRSum(LoRAOptimizer):
         weight_decay: float = 0.0,
         momentum_rank: int | None = None,
         compute_dtype: str | None = None,
+        foreach: bool = True,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
         nonfinite: str = "skip_pair",
@@ -209,6 +219,7 @@ class ScaledLoRSum(LoRAOptimizer):
             "weight_decay": weight_decay,
             "momentum_rank": momentum_rank,
             "compute_dtype": compute_dtype,
+            "foreach": foreach,
         }
         super().__init__(
             params,
@@ -246,6 +257,8 @@ class ScaledLoRSum(LoRAOptimizer):
                 f"Invalid bias_correction: {group['bias_correction']!r} (must be True or False)"
             )
         _check_count(group, "momentum_rank", minimum=1, optional=True)
+        if not isinstance(group["foreach"], bool):
+            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be True or False)")
         self._check_capture_statistics(group)
 
     def _check_capture_statistics(self, group: dict[str, Any]) -> None:
@@ -264,7 +277,41 @@ class ScaledLoRSum(LoRAOptimizer):
         reducer = self.reducer
         if reducer is not None:
             self._average_statistics_(work, reducer)
-        super()._step_lora_groups(work)
+        # Pairs that agree on everything the step reads (see _stack_key) are stepped as one
+        # stack: one batched kernel per operation instead of a Python loop of small ones.
+        stacks: dict[Any, list[PairWork]] = {}
+        for item in work:
+            group, A, B, captured = item
+            if captured is None or captured.num_rows == 0:
+                continue  # the layer saw no backward this step: left untouched
+            stackable = group["foreach"] and captured_numel(captured) <= STACK_LIMIT
+            key = self._stack_key(group, A, B, captured) if stackable else id(B)
+            stacks.setdefault(key, []).append(item)
+        for members in stacks.values():
+            self._step_stack(members)
+
+    def _stack_key(
+        self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient
+    ) -> Any:
+        """Pairs with equal keys can be stepped as one stack.
+
+        Besides shapes, dtypes, the device and the hyperparameters, the key holds the step
+        count ``t`` (the bias corrections divide by ``1 − β^t``, one number per stack), the
+        layout of the captured gradient (rows of one length ``N``, or folded into ``m × n``,
+        and which statistics it carries), whether it is already the mean over ranks, and
+        whether a distributed step has set its global row count.
+        """
+        step = self.state.get(B, {}).get("step")
+        # A 0-d CPU tensor (as in torch's Adam): reading it is not a device sync.
+        t = 1 if step is None else int(step) + 1
+        return (
+            (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device),
+            _layout(captured),
+            captured.averaged,
+            captured.global_num_rows is not None,
+            t,
+            hyperparameter_key(group),
+        )
 
     def _average_statistics_(self, work: list[PairWork], reducer: MeanReducer) -> None:
         """Make every pair's statistics those of the global batch, in one collective.
@@ -306,43 +353,58 @@ class ScaledLoRSum(LoRAOptimizer):
             for name, factor in names:
                 setattr(captured, name, next(means) * factor)
 
-    def _step_lora_group(
-        self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
-    ) -> None:
-        if captured is None or captured.num_rows == 0:
-            return
-        state_A, state_B = self.state[A], self.state[B]
-        if "step" not in state_B:
-            state_B["step"] = torch.zeros((), dtype=torch.float32)
-        # The step count lives on the CPU (as in torch's Adam): reading it is not a device sync.
-        t = int(state_B["step"].item()) + 1
+    def _step_stack(self, members: list[PairWork]) -> None:
+        """One step for a stack of ``G`` pairs (``G = 1`` when stepped alone).
+
+        Every tensor carries the stack's leading dim: factors ``B (G, m, r)``, ``A (G, r, n)``,
+        metrics ``(G, m)`` / ``(G, m, m)`` and ``(G, n)`` / ``(G, n, n)``, the gradient as rows
+        ``(Sᵀ (G, m, N), X (G, N, n))`` or dense ``(G, m, n)``. The running averages and the
+        momentum stay per-pair state tensors; the commit keeps a non-finite member's old values
+        while its stack-mates take their new ones.
+        """
+        group = members[0][0]  # every member has the same hyperparameters (the stack's key)
+        As, Bs = [A for _, A, _, _ in members], [B for _, _, B, _ in members]
+        captures = [c for _, _, _, c in members]
+        states_A, states_B = [self.state[A] for A in As], [self.state[B] for B in Bs]
+        for state in states_B:
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+        # The same for every member (the key); a CPU tensor, so reading it is not a device sync.
+        t = int(states_B[0]["step"].item()) + 1
         lr, s = group["lr"], group["lora_scaling"]
         beta1, beta2 = group["betas"]
         correct = group["bias_correction"]
+        diagonal = group["metric_form"] == "diagonal"
         compute_dtype = self._compute_dtype(group)
-        dtype = compute_dtype or default_compute_dtype(A, B)
+        dtype = compute_dtype or default_compute_dtype(As[0], Bs[0])
         options: dict[str, Any] = {"num_iters": group["num_iters"], "compute_dtype": compute_dtype}
-        reduce = self._reducer_for(captured)
+        reduce = self._reducer_for(captures[0])  # the key holds `averaged`: all members agree
         if reduce is not None:
             # Under DDP the gradient term (index 1 in both fits below) is this rank's share.
             options["reduce"], options["local_terms"] = reduce, (1,)
 
         # Rows of one window in one block: a single solve per metric side preconditions them all.
-        rows = _stacked_rows(captured)  # (S (N, m), X (N, n)) or None once folded into G
-        raw = [(rows[0].mT, rows[1])] if rows is not None else [captured.dense]
+        rows = _stacked_rows(captures)  # (S (G, N, m), X (G, N, n)) or None once folded into G
+        dense = None if rows is not None else stack([c.dense for c in captures])  # (G, m, n)
+        raw = [(rows[0].mT, rows[1])] if rows is not None else [dense]
 
         # (1) Running averages of the statistics, committed with the factors below.
-        updates: list[tuple[Tensor, Tensor]] = []
+        updates: list[tuple[list[Tensor], Tensor, Tensor]] = []
         metrics = []
-        statistics = _batch_statistics(group, captured, rows)
-        for state, key, factor, statistic in (
-            (state_B, "metric_out_avg", B, statistics[0]),
-            (state_A, "metric_in_avg", A, statistics[1]),
+        statistics = _batch_statistics(group, captures, rows, dense)
+        for states, key, factors, statistic in (
+            (states_B, "metric_out_avg", Bs, statistics[0]),
+            (states_A, "metric_in_avg", As, statistics[1]),
         ):
-            if key not in state:
-                state[key] = torch.zeros(statistic.shape, dtype=factor.dtype, device=factor.device)
-            average = running_average_(state[key].clone(), statistic, beta2)
-            updates.append((state[key], average))
+            for state, factor in zip(states, factors, strict=True):
+                if key not in state:
+                    state[key] = torch.zeros(
+                        statistic.shape[1:], dtype=factor.dtype, device=factor.device
+                    )
+            targets = [state[key] for state in states]
+            old = stack(targets)  # (G, …); a view of the state when G = 1, hence the clone
+            average = running_average_(old.clone(), statistic, beta2)
+            updates.append((targets, old, average))
             if correct:
                 average = bias_corrected(average, beta2, t)
             metrics.append(
@@ -350,13 +412,15 @@ class ScaledLoRSum(LoRAOptimizer):
                     average.to(dtype),
                     damping=group["metric_damping"],
                     power=group["metric_power"],
+                    diagonal=diagonal,
                 )
             )
         # A non-finite statistic (from a non-finite gradient, or one whose square overflows) gives
         # a non-finite metric, which Cholesky would reject. Its running average is in `updates`,
-        # so _commit_ skips this step whatever the solve returns: solve against the identity
-        # instead of raising, and let the commit discard the (never-used) result.
-        M_out, M_in = (_finite_or_identity(M) for M in metrics)
+        # so the commit skips that member whatever the solve returns: solve against the identity
+        # instead of raising, and let the commit discard the (never-used) result. Per member, so
+        # that its stack-mates keep their own metrics.
+        M_out, M_in = (_finite_or_identity(M, diagonal=diagonal) for M in metrics)
 
         # (2) The step, in product units: B'A' ≈ (1 − η wd) BA − (η/s) M_out⁻¹ D M_in⁻¹ with
         # D = (c_G G_s/s + c_V V) in W units (G_s = s·∂L/∂W is what the capture holds).
@@ -364,14 +428,19 @@ class ScaledLoRSum(LoRAOptimizer):
         if rows is not None:
             gradient = precondition_pair(rows[0].mT.to(dtype), rows[1].to(dtype), M_out, M_in)
         else:
-            gradient = _precondition_dense(captured.dense.to(dtype), M_out, M_in)
+            gradient = _precondition_dense(dense.to(dtype), M_out, M_in)  # type: ignore[union-attr]
+        B, A = stack(Bs), stack(As)
         terms: list[Any] = [(B, A), gradient]
         weights: list[float] = [
             1.0 - lr * group["weight_decay"],
             -lr * (1.0 - beta1) / (divisor * s**2),
         ]
         if beta1 > 0:
-            M_B, M_A = self._low_rank_momentum(group, A, B)
+            buffers = [
+                self._low_rank_momentum(group, A_i, B_i) for A_i, B_i in zip(As, Bs, strict=True)
+            ]
+            M_Bs, M_As = [M_B for M_B, _ in buffers], [M_A for _, M_A in buffers]
+            M_B, M_A = stack(M_Bs), stack(M_As)
             terms.append(precondition_pair(M_B.to(dtype), M_A.to(dtype), M_out, M_in))
             weights.append(-lr * beta1 / (divisor * s))
         B_new, A_new = lorsum(
@@ -383,7 +452,7 @@ class ScaledLoRSum(LoRAOptimizer):
             metric_in=M_in,
             **options,
         )
-        updates += [(B, B_new), (A, A_new)]
+        updates += [(Bs, B, B_new), (As, A, A_new)]
 
         # (3) The momentum: V_t ≈ β1 V_{t-1} + (1 − β1) ∂L/∂W, of raw (unpreconditioned) gradients,
         # so a change of metric never has to be undone in it.
@@ -395,19 +464,37 @@ class ScaledLoRSum(LoRAOptimizer):
                 damping=group["damping"] * lr,
                 **options,
             )
-            updates += [(M_B, M_B_new), (M_A, M_A_new)]
-        self._commit_(state_B, updates)
-        state_B["step"] += 1
+            updates += [(M_Bs, M_B, M_B_new), (M_As, M_A, M_A_new)]
+        self._commit_stack_(states_B, updates)
+        for state in states_B:
+            state["step"] += 1
 
 
 def _is_real(value: object) -> bool:
     return not isinstance(value, bool) and isinstance(value, Real) and math.isfinite(value)
 
 
-def _stacked_rows(captured: CapturedGradient) -> tuple[Tensor, Tensor] | None:
-    """All rows of the window as one ``(S (N, m), X (N, n))``; ``None`` if they were folded."""
+_STATISTICS = ("output_grad_sq_sum", "input_sq_sum", "output_grad_gram", "input_gram")
+
+
+def _layout(captured: CapturedGradient) -> tuple[Any, ...]:
+    """What a stack's members must share about their captured gradients.
+
+    Rows (of any number of blocks: they are concatenated) or the folded ``m × n``, their
+    dtypes, the row count ``N`` (the stacked rows' length, and the ``N`` of the statistics'
+    scales), and which K-FAC statistics the capture accumulated, in which dtype.
+    """
     if captured.dense is not None:
-        return None
+        form: tuple[Any, ...] = ("dense", captured.dense.dtype)
+    else:
+        form = ("rows", frozenset((S.dtype, X.dtype) for S, X in captured.rows))
+    present = (getattr(captured, name) for name in _STATISTICS)
+    statistics = tuple(None if value is None else value.dtype for value in present)
+    return form, captured.num_rows, statistics
+
+
+def _rows(captured: CapturedGradient) -> tuple[Tensor, Tensor]:
+    """All rows of one window as one ``(S (N, m), X (N, n))``."""
     if len(captured.rows) == 1:
         return captured.rows[0]
     S = torch.cat([S for S, _ in captured.rows])
@@ -415,17 +502,36 @@ def _stacked_rows(captured: CapturedGradient) -> tuple[Tensor, Tensor] | None:
     return S, X
 
 
+def _stacked_rows(captures: list[CapturedGradient]) -> tuple[Tensor, Tensor] | None:
+    """Every member's rows as ``(S (G, N, m), X (G, N, n))``; ``None`` if they were folded.
+
+    The members share the layout (the stack's key): all rows with one ``N``, or all folded.
+    """
+    if captures[0].dense is not None:
+        return None
+    rows = [_rows(c) for c in captures]
+    return stack([S for S, _ in rows]), stack([X for _, X in rows])
+
+
 def _batch_statistics(
-    group: dict[str, Any], captured: CapturedGradient, rows: tuple[Tensor, Tensor] | None
+    group: dict[str, Any],
+    captures: list[CapturedGradient],
+    rows: tuple[Tensor, Tensor] | None,
+    dense: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """This window's ``(c_out, c_in)`` in units of ``W``: vectors or matrices per metric_form.
+    """This window's ``(c_out, c_in)`` per member, in units of ``W``: ``(G, …)`` per metric_form.
 
     The capture's rows are ``S = s·∂L/∂Y`` (they carry the LoRA scale), so every statistic that
     is quadratic in ``S`` or ``G`` is divided by ``s²``.
     """
     s = group["lora_scaling"]
-    # The global batch's row count under DDP (a tensor, never read back), else the local one.
-    N: Any = captured.num_rows if captured.global_num_rows is None else captured.global_num_rows
+    # The global batch's row counts under DDP (a (G,) tensor, never read back), else the local
+    # one, shared by the stack (its key holds it).
+    N: Any = (
+        captures[0].num_rows
+        if captures[0].global_num_rows is None
+        else stack([c.global_num_rows for c in captures])  # type: ignore[misc]
+    )
     diagonal = group["metric_form"] == "diagonal"
     # a undoes a mean-reduced loss's 1/N in each row of S (lorsum.functional.kfac_statistics).
     a = N * 1.0 if group["loss_reduction"] == "mean" else 1.0 / N
@@ -435,45 +541,58 @@ def _batch_statistics(
             if diagonal
             else ("output_grad_gram", "input_gram")
         )
-        out_sum, in_sum = (getattr(captured, name) for name in names)
-        if out_sum is None or in_sum is None:
-            raise ValueError(
-                f"LoRA pair {group['name']!r}: metric 'kfac' with metric_form "
-                f"{group['metric_form']!r} needs the capture's {names[0]!r} and {names[1]!r}; "
-                f"build it with GradientCapture(pairs, statistics={group['metric_form']!r})"
-            )
-        return out_sum * (a / s**2), in_sum / N
+        for captured in captures:
+            if getattr(captured, names[0]) is None or getattr(captured, names[1]) is None:
+                raise ValueError(
+                    f"LoRA pair {group['name']!r}: metric 'kfac' with metric_form "
+                    f"{group['metric_form']!r} needs the capture's {names[0]!r} and "
+                    f"{names[1]!r}; build it with GradientCapture(pairs, "
+                    f"statistics={group['metric_form']!r})"
+                )
+        out_sum, in_sum = (stack([getattr(c, name) for c in captures]) for name in names)
+        return _per_member(out_sum, a / s**2), _per_member(in_sum, 1.0 / N)
     if rows is not None:
         S, X = rows
         out_stat, in_stat = shampoo_statistics(
             X, S, diagonal=diagonal, loss_reduction=group["loss_reduction"]
         )
         return out_stat / s**2, in_stat / s**2
-    G = captured.dense  # (m, n), already formed: its Grams cost no more than it did
+    G = dense  # (G, m, n), already formed: its Grams cost no more than it did
     scale = a / s**2
     if diagonal:
-        squares = G.square()
-        return scale * squares.sum(1), scale * squares.sum(0)
-    return scale * (G @ G.mT), scale * (G.mT @ G)
+        squares = G.square()  # type: ignore[union-attr]
+        return _per_member(squares.sum(-1), scale), _per_member(squares.sum(-2), scale)
+    return _per_member(G @ G.mT, scale), _per_member(G.mT @ G, scale)  # type: ignore[union-attr]
 
 
-def _finite_or_identity(metric: Tensor) -> Tensor:
-    """``metric`` if every entry is finite, else the identity of its form (no device read)."""
-    identity = (
-        torch.ones_like(metric)
-        if metric.ndim == 1
-        else torch.eye(metric.shape[0], dtype=metric.dtype, device=metric.device)
-    )
-    return torch.where(torch.isfinite(metric).all(), metric, identity)
+def _per_member(statistic: Tensor, factor: float | Tensor) -> Tensor:
+    """``statistic (G, …)`` times ``factor``: one number for the stack, or a ``(G,)`` tensor."""
+    if isinstance(factor, Tensor) and factor.ndim == 1:
+        factor = factor.view(-1, *[1] * (statistic.ndim - 1))
+    return statistic * factor
+
+
+def _finite_or_identity(metric: Tensor, *, diagonal: bool) -> Tensor:
+    """Each member of ``metric (G, …)`` if all its entries are finite, else the identity of its
+    form; one member's non-finite metric never replaces its stack-mates' (no device read)."""
+    finite = torch.isfinite(metric).reshape(len(metric), -1).all(1)
+    finite = finite.view(-1, *[1] * (metric.ndim - 1))
+    if diagonal:
+        identity = torch.ones_like(metric)
+    else:
+        d = metric.shape[-1]
+        identity = torch.eye(d, dtype=metric.dtype, device=metric.device).expand_as(metric)
+    return torch.where(finite, metric, identity)
 
 
 def _precondition_dense(G: Tensor, metric_out: Tensor, metric_in: Tensor) -> Tensor:
-    """``M_out⁻¹ G M_in⁻¹`` for a dense ``G (m, n)``.
+    """``M_out⁻¹ G M_in⁻¹`` for a dense ``G (…, m, n)``.
 
     :func:`~lorsum.functional.precondition_pair` solves each side of a pair ``(P, Q)``
     separately; pairing ``G`` with an empty factor (inner size 0) solves one side of ``G`` alone.
     """
-    m, n = G.shape
-    left, _ = precondition_pair(G, G.new_zeros(n, 0), metric_out, None)  # M_out⁻¹ G
-    _, both = precondition_pair(G.new_zeros(0, m), left, None, metric_in)  # (M_out⁻¹ G) M_in⁻¹
+    *batch, m, n = G.shape
+    left, _ = precondition_pair(G, G.new_zeros(*batch, n, 0), metric_out, None)  # M_out⁻¹ G
+    # (M_out⁻¹ G) M_in⁻¹
+    _, both = precondition_pair(G.new_zeros(*batch, 0, m), left, None, metric_in)
     return both
