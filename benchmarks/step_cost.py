@@ -64,7 +64,7 @@ DEFAULT_OUT = _results.REPO_ROOT / "benchmarks" / "results" / SUITE
 SPEEDUP_TARGET = 100.0  # LoRSum (1 sweep) against SVDLoRA at the target point
 E2E_TARGET = {"cpu": 1.25, "cuda": 1.10}  # LoRSum (1 sweep) / AdamW-LoRA, whole training step
 MEMORY_TARGET = 1.10  # LoRSum / AdamW-LoRA peak memory of a training step, no accumulation
-PARTS = ("ceilings", "axes", "target", "e2e-minilm", "e2e-smollm2")
+PARTS = ("ceilings", "axes", "target", "stacking", "e2e-minilm", "e2e-smollm2")
 
 # method -> (lorsum.create_optimizer name, hyperparameters). Learning rates are irrelevant to
 # the cost; they are small so that repeated steps stay finite.
@@ -85,6 +85,10 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 # Methods that form or decompose m × n matrices: left out of the axes where m = n is large on
 # a CPU (minutes per step), kept at the target point, which exists to show exactly that.
 DENSE_METHODS = ("scaled-dense", "lora-pro", "svdlora")
+# The stacking part: each optimizer that stacks same-shape pairs, and the same one with
+# foreach=False (this suffix), every pair stepped alone.
+ALONE = "-alone"
+STACKING_METHODS = ("lorsum-x1", "precond-sgd", "precond-adamw", "scaled-diagonal", "lora-pro")
 
 
 def part_configs(
@@ -129,6 +133,16 @@ def part_configs(
         "axes": {
             **common, "part": "axes", "base": base, "axes": axes, "methods": list(METHODS),
             "dense_methods_up_to_m": dense_limit,
+        },
+        "stacking": {
+            **common, "part": "stacking",
+            "base": (
+                {"m": 16, "r": 2, "N": 32, "L": 2} if quick
+                else {"m": 256, "r": 16, "N": 512, "L": 4}
+            ),
+            "axes": {"L": [1, 2] if quick else [1, 4, 16, 64]},
+            "methods": [m + suffix for m in STACKING_METHODS for suffix in ("", ALONE)],
+            "repeats": 2 if quick else 7, "warmup": 1 if quick else 2,
         },
         "target": {
             **common, "part": "target", "points": [target],
@@ -184,7 +198,9 @@ def measure(method: str, point: dict[str, int], config: dict[str, Any]) -> dict[
     with torch.no_grad():  # a non-zero B, as after the first steps of training
         for pair in lorsum.find_lora_pairs(model):
             pair.B.normal_(std=0.01)
-    name, hparams = METHODS[method]
+    name, hparams = METHODS[method.removesuffix(ALONE)]
+    if method.endswith(ALONE):
+        hparams = {**hparams, "foreach": False}
     optimizer = lorsum.create_optimizer(model, name, dense=False, **hparams)
     inputs = [torch.randn(N, m, device=device) for _ in range(L)]
     directions = [torch.randn(N, m, device=device) / N for _ in range(L)]
@@ -446,7 +462,8 @@ def measure_ceilings(config: dict[str, Any]) -> dict[str, Any]:
 def with_cost_model(result: dict[str, Any], ceilings: dict[str, Any] | None) -> dict[str, Any]:
     """``result`` of an axes or target point with its model flops, bytes, floor and fraction."""
     m, r, N, L = result["m"], result["r"], result["N"], result["L"]
-    cost = cost_model.step_cost(result["method"], m, m, r, N) * L
+    # The model counts the same work whether the pairs are stepped alone or stacked.
+    cost = cost_model.step_cost(result["method"].removesuffix(ALONE), m, m, r, N) * L
     out = {**result, "model_flops": cost.flops, "model_bytes": cost.bytes}
     if ceilings is not None:
         floor = cost.floor_s(ceilings["matmul_flops_per_s"], ceilings["copy_bytes_per_s"])
@@ -548,6 +565,15 @@ def _summary(config: dict[str, Any], results: list[dict[str, Any]]) -> dict[str,
             }
             summary["memory_target"] = MEMORY_TARGET
         return summary
+    if config["part"] == "stacking":
+        # Pair by pair over stacked, per method and layer count: what stacking saves.
+        times = {(r["method"], r["L"]): r["step_time_s"]["median_s"] for r in results}
+        speedup: dict[str, dict[str, float]] = {}
+        for (method, L), alone in times.items():
+            stacked = times.get((method.removesuffix(ALONE), L))
+            if method.endswith(ALONE) and stacked:
+                speedup.setdefault(method.removesuffix(ALONE), {})[str(L)] = alone / stacked
+        return {"alone_over_stacked": speedup}
     if config["part"] != "target":
         return {}
     by_method = {r["method"]: r["step_time_s"]["median_s"] for r in results}

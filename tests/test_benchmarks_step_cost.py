@@ -145,3 +145,16 @@ def test_summarize_only_reads_stored_parts_and_names_a_missing_one(tmp_path, cap
     assert "### ceilings" in capsys.readouterr().out
     assert step_cost.main([*args, "--parts", "target"]) == 1
     assert "target-cpu.json is missing" in capsys.readouterr().err
+
+
+def test_a_quick_stacking_run_times_each_stacking_optimizer_alone_and_stacked(tmp_path, capsys):
+    assert step_cost.main(["--quick", "--parts", "stacking", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "stacking-cpu.json").read_text())
+    measured = {(r["method"], r["L"]) for r in record["results"]}
+    for method in step_cost.STACKING_METHODS:
+        for L in (1, 2):
+            assert {(method, L), (method + step_cost.ALONE, L)} <= measured
+    speedup = record["summary"]["alone_over_stacked"]
+    assert sorted(speedup) == sorted(step_cost.STACKING_METHODS)
+    assert all(set(by_L) == {"1", "2"} and min(by_L.values()) > 0 for by_L in speedup.values())
+    assert "lora-pro-alone" in capsys.readouterr().out
