@@ -695,6 +695,11 @@ def _check_count(group: dict[str, Any], key: str, *, minimum: int, optional: boo
         raise ValueError(f"Invalid {key}: {value!r} (must be {allowed})")
 
 
+def _check_bool(group: dict[str, Any], key: str) -> None:
+    if not isinstance(group[key], bool):
+        raise ValueError(f"Invalid {key}: {group[key]!r} (must be True or False)")
+
+
 def _check_fraction(group: dict[str, Any], key: str) -> None:
     """A momentum-like coefficient in ``[0, 1)``."""
     value = group[key]

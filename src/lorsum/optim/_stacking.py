@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 __all__ = [
     "STACK_LIMIT",
     "captured_numel",
+    "group_stacks",
     "hyperparameter_key",
     "split_by_size",
     "stack",
@@ -70,6 +71,20 @@ def captured_numel(captured: CapturedGradient) -> int:
 def hyperparameter_key(group: dict[str, Any]) -> tuple[Any, ...]:
     """A param group's hyperparameters as a hashable key (its params and name left out)."""
     return tuple((k, _hashable(v)) for k, v in sorted(group.items()) if k not in ("params", "name"))
+
+
+def group_stacks(items: Iterable[Item], key: Callable[[Item], Hashable | None]) -> list[list[Item]]:
+    """``items`` gathered by ``key`` into stacks, in first-seen order.
+
+    An item whose key is ``None`` is left out (a pair with nothing to step); a key unique to one
+    item (``id(B)``) steps it alone.
+    """
+    stacks: dict[Hashable, list[Item]] = {}
+    for item in items:
+        k = key(item)
+        if k is not None:
+            stacks.setdefault(k, []).append(item)
+    return list(stacks.values())
 
 
 def split_by_size(

@@ -15,11 +15,12 @@ from lorsum.optim._base import (
     LoRAOptimizer,
     PairWork,
     _check_betas,
+    _check_bool,
     _check_choice,
     _check_non_negative,
     _check_positive,
 )
-from lorsum.optim._stacking import hyperparameter_key, split_by_size, stack
+from lorsum.optim._stacking import group_stacks, hyperparameter_key, split_by_size, stack
 
 __all__ = ["LoRAPro"]
 
@@ -169,21 +170,19 @@ class LoRAPro(LoRAOptimizer):
         _check_choice(group, "mode", _MODES)
         _check_betas(group)
         _check_positive(group, "eps")
-        if not isinstance(group["foreach"], bool):
-            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be True or False)")
+        _check_bool(group, "foreach")
 
     def _step_lora_groups(self, work: list[PairWork]) -> None:
         # Pairs that agree on everything the math branches or broadcasts on are stepped as one
         # stack: one batched kernel per operation for all of them, instead of a Python loop of
         # tiny r×r kernels per layer.
-        stacks: dict[Any, list[PairWork]] = {}
-        for item in work:
+        def key(item: PairWork) -> Any:
             group, A, B, _ = item
             if A.grad is None and B.grad is None:
-                continue
-            key = self._stack_key(group, A, B) if group["foreach"] else id(B)
-            stacks.setdefault(key, []).append(item)
-        for members in stacks.values():
+                return None
+            return self._stack_key(group, A, B) if group["foreach"] else id(B)
+
+        for members in group_stacks(work, key):
             if members[0][0]["mode"] == "full_adam":
                 chunks = split_by_size(members, _moment_numel, STACK_LIMIT)
             else:

@@ -12,6 +12,7 @@ from lorsum.functional import lorsum
 from lorsum.optim._base import (
     LoRAOptimizer,
     PairWork,
+    _check_bool,
     _check_count,
     _check_fraction,
     _check_non_negative,
@@ -19,6 +20,7 @@ from lorsum.optim._base import (
 from lorsum.optim._stacking import (
     STACK_LIMIT,
     captured_numel,
+    group_stacks,
     hyperparameter_key,
     stack,
     stack_terms,
@@ -140,22 +142,20 @@ class LoRSum(LoRAOptimizer):
         _check_count(group, "num_iters", minimum=0)
         _check_fraction(group, "momentum")
         _check_count(group, "momentum_rank", minimum=1, optional=True)
-        if not isinstance(group["foreach"], bool):
-            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be True or False)")
+        _check_bool(group, "foreach")
 
     def _step_lora_groups(self, work: list[PairWork]) -> None:
         # Pairs that agree on shapes, dtypes, hyperparameters and the layout of their captured
         # gradient are stepped as one stack: one batched product and one batched r×r solve per
         # half-step for all of them, instead of a Python loop of small kernels per layer.
-        stacks: dict[Any, list[PairWork]] = {}
-        for item in work:
+        def key(item: PairWork) -> Any:
             group, A, B, captured = item
             if captured is None:
-                continue
+                return None
             stackable = group["foreach"] and captured_numel(captured) <= STACK_LIMIT
-            key = _stack_key(group, A, B, captured) if stackable else id(B)
-            stacks.setdefault(key, []).append(item)
-        for members in stacks.values():
+            return _stack_key(group, A, B, captured) if stackable else id(B)
+
+        for members in group_stacks(work, key):
             self._step_stack(members)
 
     def _step_stack(self, members: list[PairWork]) -> None:

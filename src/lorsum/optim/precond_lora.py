@@ -12,12 +12,13 @@ from lorsum.optim._base import (
     LoRAOptimizer,
     PairWork,
     _check_betas,
+    _check_bool,
     _check_choice,
     _check_fraction,
     _check_non_negative,
     _check_positive,
 )
-from lorsum.optim._stacking import hyperparameter_key
+from lorsum.optim._stacking import group_stacks, hyperparameter_key
 
 __all__ = ["PrecondLoRA"]
 
@@ -101,25 +102,26 @@ class PrecondLoRA(LoRAOptimizer):
         _check_fraction(group, "momentum")
         _check_betas(group)
         _check_positive(group, "eps")
-        if not isinstance(group["foreach"], bool):
-            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be True or False)")
+        _check_bool(group, "foreach")
 
     def _step_lora_groups(self, work: list[PairWork]) -> None:
         # Pairs that agree on shapes, dtypes, hyperparameters, which gradients exist and which
         # moments they hold are stepped as one stack: one batched r×r solve per factor and one
         # multi-tensor torch update for all of them, instead of a Python loop per layer.
-        stacks: dict[Any, list[tuple[dict[str, Any], Tensor, Tensor]]] = {}
-        for group, A, B, _ in work:
+        def key(item: PairWork) -> Any:
+            group, A, B, _ = item
             if A.grad is None and B.grad is None:
-                continue
-            key = (
+                return None
+            if not group["foreach"]:
+                return id(B)
+            return (
                 (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device),
                 (A.grad is None, B.grad is None, tuple(self._guarded(A, B))),
                 hyperparameter_key(group),
             )
-            stacks.setdefault(key if group["foreach"] else id(B), []).append((group, A, B))
-        for members in stacks.values():
-            self._step_stack(members)
+
+        for members in group_stacks(work, key):
+            self._step_stack([(group, A, B) for group, A, B, _ in members])
 
     def _step_stack(self, members: list[tuple[dict[str, Any], Tensor, Tensor]]) -> None:
         group = members[0][0]  # every member has the same hyperparameters (the stack's key)

@@ -24,11 +24,18 @@ from lorsum.optim._base import (
     LoRAOptimizer,
     PairWork,
     _check_betas,
+    _check_bool,
     _check_choice,
     _check_count,
     _check_non_negative,
 )
-from lorsum.optim._stacking import STACK_LIMIT, captured_numel, hyperparameter_key, stack
+from lorsum.optim._stacking import (
+    STACK_LIMIT,
+    captured_numel,
+    group_stacks,
+    hyperparameter_key,
+    stack,
+)
 
 __all__ = ["ScaledLoRSum"]
 
@@ -257,8 +264,7 @@ class ScaledLoRSum(LoRAOptimizer):
                 f"Invalid bias_correction: {group['bias_correction']!r} (must be True or False)"
             )
         _check_count(group, "momentum_rank", minimum=1, optional=True)
-        if not isinstance(group["foreach"], bool):
-            raise ValueError(f"Invalid foreach: {group['foreach']!r} (must be True or False)")
+        _check_bool(group, "foreach")
         self._check_capture_statistics(group)
 
     def _check_capture_statistics(self, group: dict[str, Any]) -> None:
@@ -277,17 +283,17 @@ class ScaledLoRSum(LoRAOptimizer):
         reducer = self.reducer
         if reducer is not None:
             self._average_statistics_(work, reducer)
+
         # Pairs that agree on everything the step reads (see _stack_key) are stepped as one
         # stack: one batched kernel per operation instead of a Python loop of small ones.
-        stacks: dict[Any, list[PairWork]] = {}
-        for item in work:
+        def key(item: PairWork) -> Any:
             group, A, B, captured = item
             if captured is None or captured.num_rows == 0:
-                continue  # the layer saw no backward this step: left untouched
+                return None  # the layer saw no backward this step: left untouched
             stackable = group["foreach"] and captured_numel(captured) <= STACK_LIMIT
-            key = self._stack_key(group, A, B, captured) if stackable else id(B)
-            stacks.setdefault(key, []).append(item)
-        for members in stacks.values():
+            return self._stack_key(group, A, B, captured) if stackable else id(B)
+
+        for members in group_stacks(work, key):
             self._step_stack(members)
 
     def _stack_key(
