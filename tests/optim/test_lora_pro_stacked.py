@@ -20,7 +20,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import lorsum
 from lorsum.functional import (
@@ -33,6 +32,7 @@ from lorsum.functional.linalg import symmetric_eigh
 from lorsum.functional.lora_pro import _damped_cholesky
 from lorsum.optim import lora_pro as lora_pro_module
 from tests import reference as ref
+from tests.optim.stacks import record_stack_sizes, three_plus_one
 from tests.optim.test_host_sync import _step_counters, no_host_reads
 from tests.utils import randn, well_conditioned
 
@@ -188,17 +188,7 @@ def test_batched_shape_errors_name_the_shapes():
 
 
 def _model():
-    torch.manual_seed(0)
-    # Three 10→10 layers (one stack) and one 10→6 layer (a stack of its own), float64, s = 2.
-    model = nn.Sequential(
-        nn.Linear(W, W), nn.Tanh(), nn.Linear(W, W), nn.Tanh(), nn.Linear(W, W),
-        nn.Tanh(), nn.Linear(W, 6),
-    ).double()  # fmt: skip
-    lorsum.add_lora(model, ["0", "2", "4", "6"], rank=3, alpha=6.0)
-    with torch.no_grad():
-        for pair in lorsum.find_lora_pairs(model):
-            pair.B.normal_(std=0.3)
-    return model
+    return three_plus_one(W, 6, alpha=6.0)  # s = 2
 
 
 def _backward(model, step, g, *, frozen_at=None):
@@ -251,15 +241,7 @@ def _assert_close(stacked, alone):
 @pytest.fixture
 def stack_sizes(monkeypatch):
     """The size of every stack LoRAPro steps, in order."""
-    sizes = []
-    original = lorsum.LoRAPro._step_stack
-
-    def spy(self, members):
-        sizes.append(len(members))
-        return original(self, members)
-
-    monkeypatch.setattr(lorsum.LoRAPro, "_step_stack", spy)
-    return sizes
+    return record_stack_sizes(monkeypatch, lorsum.LoRAPro)
 
 
 HPARAMS = [

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import lorsum
+from tests.optim.stacks import record_stack_sizes, three_plus_one
 
 W = 24
 
 
 def _model():
-    torch.manual_seed(0)
-    # Three 24→24 layers (one stack) and one 24→5 layer (a stack of its own), float64.
-    model = nn.Sequential(
-        nn.Linear(W, W), nn.Tanh(), nn.Linear(W, W), nn.Tanh(), nn.Linear(W, W),
-        nn.Tanh(), nn.Linear(W, 5),
-    ).double()  # fmt: skip
-    lorsum.add_lora(model, ["0", "2", "4", "6"], rank=3)
-    with torch.no_grad():
-        for pair in lorsum.find_lora_pairs(model):
-            pair.B.normal_(std=0.3)
-    return model
+    return three_plus_one(W, 5)
 
 
 def _train(foreach, hparams, *, steps=4, frozen_at=None, poison=None):
@@ -95,14 +85,7 @@ def test_a_non_finite_pair_is_skipped_alone_in_its_stack():
 
 
 def test_same_shape_pairs_form_one_stack(monkeypatch):
-    sizes = []
-    original = lorsum.PrecondLoRA._step_stack
-
-    def spy(self, members):
-        sizes.append(len(members))
-        return original(self, members)
-
-    monkeypatch.setattr(lorsum.PrecondLoRA, "_step_stack", spy)
+    sizes = record_stack_sizes(monkeypatch, lorsum.PrecondLoRA)
     _train(True, {"lr": 0.05}, steps=1)
     assert sorted(sizes) == [1, 3]
     sizes.clear()

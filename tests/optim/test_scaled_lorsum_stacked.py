@@ -22,6 +22,7 @@ from torch import nn
 import lorsum
 from lorsum.optim import scaled_lorsum as scaled_module
 from lorsum.optim.scaled_lorsum import ScaledLoRSum
+from tests.optim.stacks import record_stack_sizes
 from tests.optim.test_host_sync import _step_counters, cuda_sync_is_an_error, no_host_reads
 
 W = 40  # three W→W layers (one stack) and a W→6 head (a stack of its own)
@@ -126,16 +127,8 @@ def _assert_same_pairs(got, expected):
 
 @pytest.fixture
 def stack_sizes(monkeypatch):
-    """The size of every stack ScaledLoRSum steps, in order, one list per ``step()``."""
-    sizes: list[int] = []
-    original = ScaledLoRSum._step_stack
-
-    def spy(self, members):
-        sizes.append(len(members))
-        return original(self, members)
-
-    monkeypatch.setattr(ScaledLoRSum, "_step_stack", spy)
-    return sizes
+    """The size of every stack ScaledLoRSum steps, in order."""
+    return record_stack_sizes(monkeypatch, ScaledLoRSum)
 
 
 # --- stacked equals pair by pair ---------------------------------------------------------------

@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import lorsum
+from tests.optim.stacks import record_stack_sizes, three_plus_one
 
 W = 40
 
 
 def _model(seed=0):
-    torch.manual_seed(seed)
-    # Three 40→40 layers (one stack), one 40→6 layer (a stack of its own), float64. With 8
-    # rows per micro-batch the 40→40 gradients are kept as rows, with 3 micro-batches they are
-    # folded into dense matrices (N(m + n) > mn): both forms are stacked.
-    model = nn.Sequential(
-        nn.Linear(W, W), nn.Tanh(), nn.Linear(W, W), nn.Tanh(), nn.Linear(W, W),
-        nn.Tanh(), nn.Linear(W, 6),
-    ).double()  # fmt: skip
-    lorsum.add_lora(model, ["0", "2", "4", "6"], rank=3)
-    with torch.no_grad():
-        for pair in lorsum.find_lora_pairs(model):
-            pair.B.normal_(std=0.3)
-    return model
+    # With 8 rows per micro-batch the 40→40 gradients are kept as rows, with 3 micro-batches
+    # they are folded into dense matrices (N(m + n) > mn): both forms are stacked.
+    return three_plus_one(W, 6, seed=seed)
 
 
 def _train(foreach, hparams, *, steps=4, micro_batches=1, poison=None):
@@ -114,15 +104,7 @@ def test_foreach_must_be_a_bool():
 @pytest.fixture
 def stack_sizes(monkeypatch):
     """The size of every stack LoRSum steps, in order."""
-    sizes = []
-    original = lorsum.LoRSum._step_stack
-
-    def spy(self, members):
-        sizes.append(len(members))
-        return original(self, members)
-
-    monkeypatch.setattr(lorsum.LoRSum, "_step_stack", spy)
-    return sizes
+    return record_stack_sizes(monkeypatch, lorsum.LoRSum)
 
 
 def test_same_shape_pairs_form_one_stack(stack_sizes):
