@@ -351,8 +351,29 @@ def test_a_stacked_running_average_equals_a_loop(G, d, seed, dense, step):
             r"metric_out is not positive definite \(member 1 of the stack\) \(Cholesky failed "
             r"at column 1\)",
         ),
+        (
+            lambda: precondition_pair(
+                torch.ones(3, 2), torch.ones(2, 4), None, None, not_positive_definite="ignore"
+            ),
+            ValueError,
+            r"Invalid not_positive_definite: 'ignore' \(must be 'raise' or 'nan'\)",
+        ),
     ],
 )
 def test_invalid_arguments_raise_with_the_offending_values(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_a_metric_that_is_not_positive_definite_can_give_nan_for_its_member_alone():
+    from tests.optim.test_host_sync import no_host_reads
+
+    P, Q = randn(2, 3, 2, seed=0), randn(2, 2, 4, seed=1)
+    metric_out = torch.stack(
+        [2.0 * torch.eye(3, dtype=torch.float64), -torch.eye(3, dtype=torch.float64)]
+    )
+    with no_host_reads():  # the "nan" policy reads no flag back from the device
+        P_new, Q_new = precondition_pair(P, Q, metric_out, None, not_positive_definite="nan")
+    torch.testing.assert_close(P_new[0], P[0] / 2.0)
+    assert torch.isnan(P_new[1]).all()
+    torch.testing.assert_close(Q_new, Q)  # no metric_in: untouched

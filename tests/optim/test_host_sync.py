@@ -26,6 +26,10 @@ SYNC_FREE = {
     "lorsum-clipped": ("lorsum", {"lr": 0.1, "num_iters": 1, "max_grad_norm": 1.0}),
     "scaled-kfac": ("scaled_lorsum", {"lr": 0.1, "metric": "kfac"}),
     "scaled-shampoo": ("scaled_lorsum", {"lr": 0.1, "metric": "shampoo"}),
+    "scaled-kfac-dense": ("scaled_lorsum", {"lr": 0.1, "metric": "kfac", "metric_form": "dense"}),
+    "scaled-shampoo-dense": (
+        "scaled_lorsum", {"lr": 0.1, "metric": "shampoo", "metric_form": "dense"},
+    ),
     "precond-sgd": ("precond_sgd", {"lr": 0.1}),
     "precond-adamw": ("precond_adamw", {"lr": 0.01}),
 }

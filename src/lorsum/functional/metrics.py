@@ -211,6 +211,8 @@ def precondition_pair(
     right: Tensor,  # Q (…, k, n)
     metric_out: Tensor | None,  # (…, m) or (…, m, m)
     metric_in: Tensor | None,  # (…, n) or (…, n, n)
+    *,
+    not_positive_definite: str = "raise",
 ) -> tuple[Tensor, Tensor]:
     """``(M_out⁻¹ P, Q M_in⁻¹)``: the term ``P Q`` preconditioned on both sides, still factored.
 
@@ -221,23 +223,38 @@ def precondition_pair(
     Stacks: leading dims on ``left`` make it a stack of terms; ``right`` and both metrics carry
     the same leading dims (a diagonal ``(…, m)``, a dense ``(…, m, m)``), one metric per term.
 
+    Args:
+        left, right: the term's factors ``P (…, m, k)`` and ``Q (…, k, n)``.
+        metric_out, metric_in: the metrics, or ``None``.
+        not_positive_definite: what a dense metric whose Cholesky factorisation fails gives:
+            ``"raise"`` (default) a ``ValueError``, which reads one flag back from the device
+            per dense metric (a host synchronisation on accelerators); ``"nan"`` NaN in that
+            member's result and nothing read back, for callers whose finiteness guard then
+            skips it (the optimizers). Diagonal metrics read nothing either way.
+
     Raises:
-        ValueError: shapes that do not match, or a dense metric that is not positive definite
-            (the message names the first failing member of a stack). Checking positive
-            definiteness reads one flag back from the device per dense metric (a host
-            synchronisation on accelerators); diagonal metrics read nothing.
+        ValueError: shapes that do not match, an unknown ``not_positive_definite``, or (with
+            ``"raise"``) a dense metric that is not positive definite (the message names the
+            first failing member of a stack).
     """
     batch = tuple(left.shape[:-2]) if isinstance(left, Tensor) and left.ndim > 2 else ()
     P = _check_matrix("left", left, batch)
     Q = _check_matrix("right", right, batch)
     if P.shape[-1] != Q.shape[-2]:
         raise ValueError(f"left {tuple(P.shape)} and right {tuple(Q.shape)} do not chain")
-    P_new = _solve_metric("metric_out", metric_out, P, batch)
-    Q_new = _solve_metric("metric_in", metric_in, Q.mT, batch).mT
+    if not_positive_definite not in ("raise", "nan"):
+        raise ValueError(
+            f"Invalid not_positive_definite: {not_positive_definite!r} (must be 'raise' or 'nan')"
+        )
+    raise_ = not_positive_definite == "raise"
+    P_new = _solve_metric("metric_out", metric_out, P, batch, raise_)
+    Q_new = _solve_metric("metric_in", metric_in, Q.mT, batch, raise_).mT
     return P_new, Q_new
 
 
-def _solve_metric(name: str, metric: Tensor | None, X: Tensor, batch: tuple[int, ...]) -> Tensor:
+def _solve_metric(
+    name: str, metric: Tensor | None, X: Tensor, batch: tuple[int, ...], raise_: bool
+) -> Tensor:
     """``M⁻¹ X`` for ``X (…, d, k)`` and a diagonal ``(…, d)`` or dense SPD ``(…, d, d)`` ``M``."""
     if metric is None:
         return X
@@ -253,6 +270,11 @@ def _solve_metric(name: str, metric: Tensor | None, X: Tensor, batch: tuple[int,
     if M.ndim == X.ndim - 1:  # a diagonal: one entry per row of X
         return X / M.unsqueeze(-1)
     L, info = torch.linalg.cholesky_ex(M)
+    if not raise_:
+        # Nothing read back: a member whose factorisation failed gives NaN, never a solve
+        # with a partial factor, so a finiteness guard downstream skips it.
+        failed = (info != 0).reshape(*info.shape, 1, 1)
+        return torch.where(failed, float("nan"), torch.cholesky_solve(X, L))
     if bool(info.any()):
         failed = info.reshape(-1)
         first = int(failed.nonzero()[0])

@@ -432,7 +432,9 @@ class ScaledLoRSum(LoRAOptimizer):
         # D = (c_G G_s/s + c_V V) in W units (G_s = s·∂L/∂W is what the capture holds).
         divisor = 1.0 - beta1**t if correct else 1.0
         if rows is not None:
-            gradient = precondition_pair(rows[0].mT.to(dtype), rows[1].to(dtype), M_out, M_in)
+            gradient = precondition_pair(
+                rows[0].mT.to(dtype), rows[1].to(dtype), M_out, M_in, not_positive_definite="nan"
+            )
         else:
             gradient = _precondition_dense(dense.to(dtype), M_out, M_in)  # type: ignore[union-attr]
         B, A = stack(Bs), stack(As)
@@ -447,7 +449,11 @@ class ScaledLoRSum(LoRAOptimizer):
             ]
             M_Bs, M_As = [M_B for M_B, _ in buffers], [M_A for _, M_A in buffers]
             M_B, M_A = stack(M_Bs), stack(M_As)
-            terms.append(precondition_pair(M_B.to(dtype), M_A.to(dtype), M_out, M_in))
+            terms.append(
+                precondition_pair(
+                    M_B.to(dtype), M_A.to(dtype), M_out, M_in, not_positive_definite="nan"
+                )
+            )
             weights.append(-lr * beta1 / (divisor * s))
         B_new, A_new = lorsum(
             terms,
@@ -598,7 +604,8 @@ def _precondition_dense(G: Tensor, metric_out: Tensor, metric_in: Tensor) -> Ten
     separately; pairing ``G`` with an empty factor (inner size 0) solves one side of ``G`` alone.
     """
     *batch, m, n = G.shape
-    left, _ = precondition_pair(G, G.new_zeros(*batch, n, 0), metric_out, None)  # M_out⁻¹ G
+    options = {"not_positive_definite": "nan"}  # the commit skips such a member
+    left, _ = precondition_pair(G, G.new_zeros(*batch, n, 0), metric_out, None, **options)
     # (M_out⁻¹ G) M_in⁻¹
-    _, both = precondition_pair(G.new_zeros(*batch, 0, m), left, None, metric_in)
+    _, both = precondition_pair(G.new_zeros(*batch, 0, m), left, None, metric_in, **options)
     return both
