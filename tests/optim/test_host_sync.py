@@ -28,7 +28,8 @@ SYNC_FREE = {
     "scaled-shampoo": ("scaled_lorsum", {"lr": 0.1, "metric": "shampoo"}),
     "scaled-kfac-dense": ("scaled_lorsum", {"lr": 0.1, "metric": "kfac", "metric_form": "dense"}),
     "scaled-shampoo-dense": (
-        "scaled_lorsum", {"lr": 0.1, "metric": "shampoo", "metric_form": "dense"},
+        "scaled_lorsum",
+        {"lr": 0.1, "metric": "shampoo", "metric_form": "dense"},
     ),
     "precond-sgd": ("precond_sgd", {"lr": 0.1}),
     "precond-adamw": ("precond_adamw", {"lr": 0.01}),
