@@ -366,7 +366,7 @@ def test_invalid_arguments_raise_with_the_offending_values(call, error, match):
 
 
 def test_a_metric_that_is_not_positive_definite_can_give_nan_for_its_member_alone():
-    from tests.optim.test_host_sync import no_host_reads
+    from tests.host_reads import no_host_reads
 
     P, Q = randn(2, 3, 2, seed=0), randn(2, 2, 4, seed=1)
     metric_out = torch.stack(

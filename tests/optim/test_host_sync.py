@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import lorsum
+from tests.host_reads import cuda_sync_is_an_error, no_host_reads, step_counters
 
 # Steps that must not read device values (the first step of each is a warm-up: it may create
 # state on the host, e.g. the momentum's starting basis).
@@ -34,42 +35,6 @@ SYNC_FREE = {
     "precond-sgd": ("precond_sgd", {"lr": 0.1}),
     "precond-adamw": ("precond_adamw", {"lr": 0.01}),
 }
-
-
-@contextlib.contextmanager
-def no_host_reads(host_resident=()):
-    """Raise on every conversion of a tensor to a Python value (a device sync on accelerators).
-
-    ``host_resident``: tensors kept on the CPU whatever the device (step counters, as in torch's
-    own Adam); reading those is allowed.
-    """
-    allowed = {id(t) for t in host_resident}
-    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-
-    def guarded(name):
-        def convert(self, *args, **kwargs):
-            if id(self) not in allowed:
-                raise AssertionError(f"step() read a tensor value back to the host ({name})")
-            return saved[name](self, *args, **kwargs)
-
-        return convert
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, guarded(name))
-        yield
-    finally:
-        for name, method in saved.items():
-            setattr(torch.Tensor, name, method)
-
-
-def _step_counters(optimizer):
-    """The tensors a CPU step may read: torch-style step counters, and the count of skipped
-    pairs, which the optimizer reads at once on the CPU only (on CUDA it is copied to the host
-    asynchronously, and ``cuda_sync_is_an_error`` checks that)."""
-    counters = [v for state in optimizer.state.values() for k, v in state.items() if k == "step"]
-    return counters + [t for d, t in optimizer._skip_counts.items() if d.type == "cpu"]
 
 
 def _model_and_optimizer(method, hparams, device):
@@ -95,19 +60,9 @@ def _steps_after_a_warm_up(name, device, guard):
         optimizer.zero_grad()
 
 
-@contextlib.contextmanager
-def cuda_sync_is_an_error(_optimizer):
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        yield
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
 @pytest.mark.parametrize("name", sorted(SYNC_FREE))
 def test_a_step_reads_nothing_back(name):
-    _steps_after_a_warm_up(name, "cpu", lambda opt: no_host_reads(_step_counters(opt)))
+    _steps_after_a_warm_up(name, "cpu", lambda opt: no_host_reads(step_counters(opt)))
 
 
 def test_the_guard_itself_catches_a_read():
@@ -138,7 +93,7 @@ def _backwards_after_a_warm_up(device, guard):
 
 
 def test_stepping_in_backward_reads_nothing_back():
-    _backwards_after_a_warm_up("cpu", lambda opt: no_host_reads(_step_counters(opt)))
+    _backwards_after_a_warm_up("cpu", lambda opt: no_host_reads(step_counters(opt)))
 
 
 @pytest.mark.cuda

@@ -32,8 +32,8 @@ from lorsum.functional.linalg import symmetric_eigh
 from lorsum.functional.lora_pro import _damped_cholesky
 from lorsum.optim import lora_pro as lora_pro_module
 from tests import reference as ref
+from tests.host_reads import no_host_reads, step_counters
 from tests.optim.stacks import record_stack_sizes, three_plus_one
-from tests.optim.test_host_sync import _step_counters, no_host_reads
 from tests.utils import randn, well_conditioned
 
 F64 = torch.float64
@@ -430,7 +430,7 @@ def test_a_stacked_step_reads_nothing_back(mode):
     for step in range(3):
         _backward(model, step, g)
         # The first step is a warm-up: it creates the state.
-        with no_host_reads(_step_counters(opt)) if step else contextlib.nullcontext():
+        with no_host_reads(step_counters(opt)) if step else contextlib.nullcontext():
             opt.step()
         opt.zero_grad()
 

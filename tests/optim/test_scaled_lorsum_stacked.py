@@ -22,8 +22,8 @@ from torch import nn
 import lorsum
 from lorsum.optim import scaled_lorsum as scaled_module
 from lorsum.optim.scaled_lorsum import ScaledLoRSum
+from tests.host_reads import cuda_sync_is_an_error, no_host_reads, step_counters
 from tests.optim.stacks import record_stack_sizes
-from tests.optim.test_host_sync import _step_counters, cuda_sync_is_an_error, no_host_reads
 
 W = 40  # three W→W layers (one stack) and a W→6 head (a stack of its own)
 TOLERANCES = {"rtol": 1e-10, "atol": 1e-12}
@@ -317,7 +317,7 @@ def _steps_reading_nothing_back(metric, device, guard):
 
 @pytest.mark.parametrize("metric", ["kfac", "shampoo"])
 def test_a_stacked_step_reads_nothing_back(metric):
-    _steps_reading_nothing_back(metric, "cpu", lambda opt: no_host_reads(_step_counters(opt)))
+    _steps_reading_nothing_back(metric, "cpu", lambda opt: no_host_reads(step_counters(opt)))
 
 
 @pytest.mark.cuda
