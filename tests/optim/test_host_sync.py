@@ -34,6 +34,8 @@ SYNC_FREE = {
     ),
     "precond-sgd": ("precond_sgd", {"lr": 0.1}),
     "precond-adamw": ("precond_adamw", {"lr": 0.01}),
+    "lora-pro-sgd": ("lora_pro", {"lr": 0.1, "mode": "sgd"}),
+    "lora-pro-adam": ("lora_pro", {"lr": 0.01, "mode": "full_adam"}),
 }
 
 
