@@ -18,6 +18,9 @@ rank ``r``, each fed its own ``N`` random input rows, float32:
   LoRSum (1 sweep) ≤ 1.25× LoRA-AdamW on the CPU, ≤ 1.10× on a GPU;
 * **e2e-smollm2**: the same for SmolLM2-135M with rank-16 LoRA on all seven linears of its 30
   blocks (210 adapters), 8 × 512 random tokens, bf16 autocast, the LM task's rates: for a GPU.
+  Each method runs in its own fresh process, 10 measured steps: on a GPU this model's step is
+  bound by the host's kernel launches, and in one shared process the later methods ran up to
+  1.7× slower than the same methods measured first.
 
 For every point and method: the median wall time of the step over ``repeats`` steps after
 ``warmup`` (each after a fresh backward, device-synchronised around the step), the bytes held in
@@ -45,10 +48,12 @@ import contextlib
 import ctypes
 import gc
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +164,7 @@ def part_configs(
             "seq_len": 16 if quick else 512, "rank": 4 if quick else 16, "autocast": "bfloat16",
             "weights": smollm2_weights,
             "methods": quick_e2e if quick else e2e_methods,
-            "repeats": 2 if quick else 5,
+            "repeats": 2 if quick else 10, "isolated": not quick,
         },
     }  # fmt: skip
 
@@ -289,6 +294,20 @@ def measure_e2e(method: str, config: dict[str, Any]) -> dict[str, Any]:
         "peak_bytes": peak_bytes,
         "peak_above_setup_bytes": peak_above_setup_bytes,
     }
+
+
+def _measure_e2e_in_fresh_process(method: str, config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`measure_e2e` of ``method`` in a new (spawned) process, after one discarded step."""
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        job = pool.submit(_warm_then_measure_e2e, method, config, torch.get_num_threads())
+        return job.result()
+
+
+def _warm_then_measure_e2e(method: str, config: dict[str, Any], num_threads: int) -> dict:
+    torch.set_num_threads(num_threads)  # as the parent: a spawned child picks its own default
+    measure_e2e(method, {**config, "repeats": 1, "warmup": 0})  # one-time allocations, kernels
+    return measure_e2e(method, config)
 
 
 class _PeakMemory:
@@ -483,12 +502,23 @@ def run_part(config: dict[str, Any], progress: Path | None = None) -> dict[str, 
         # One discarded run first: the process's one-time allocations (kernel workspaces, the
         # autograd engine's threads, the model's file cache) would otherwise be charged to
         # whichever method comes first.
-        _log(f"{config['part']}: warm-up with {config['methods'][0]} (discarded)")
-        measure_e2e(config["methods"][0], {**config, "repeats": 1, "warmup": 0})
+        # With ``isolated``, each method gets a fresh process instead, so that nothing one
+        # method leaves behind (allocator pools, autograd and Python garbage, a warmed cache)
+        # changes the next one's times: on a GPU a step of a model with hundreds of adapters is
+        # bound by the host's launches, which such leftovers slow.
+        isolated = config.get("isolated", False)
+        if not isolated:
+            _log(f"{config['part']}: warm-up with {config['methods'][0]} (discarded)")
+            measure_e2e(config["methods"][0], {**config, "repeats": 1, "warmup": 0})
         results = []
         for method in config["methods"]:
-            _log(f"{config['part']}: {method}")
-            results.append(measure_e2e(method, config))
+            _log(f"{config['part']}: {method}{' (own process)' if isolated else ''}")
+            measured = (
+                _measure_e2e_in_fresh_process(method, config)
+                if isolated
+                else measure_e2e(method, config)
+            )
+            results.append(measured)
             _write_progress(progress, config, results, start)
         return _record(config, results, time.perf_counter() - start)
     results = []

@@ -137,6 +137,30 @@ def test_a_quick_smollm2_run_adapts_all_seven_linears_under_bf16_autocast(
     assert "### e2e-smollm2" in capsys.readouterr().out
 
 
+def test_an_isolated_end_to_end_part_measures_each_method_in_its_own_process(monkeypatch):
+    pytest.importorskip("peft")
+    config = step_cost.part_configs("cpu", True, "random")["e2e-smollm2"]
+    config = {**config, "methods": ["lora-adamw"], "isolated": True, "repeats": 1}
+
+    def in_this_process(*args, **kwargs):
+        raise AssertionError("an isolated part measured a method in the parent process")
+
+    # The spawned child imports the module afresh, without this patch.
+    monkeypatch.setattr(step_cost, "measure_e2e", in_this_process)
+    record = step_cost.run_part(config)
+    (result,) = record["results"]
+    assert result["method"] == "lora-adamw"
+    assert result["step_time_s"]["repeats"] == 1
+    assert result["step_time_s"]["median_s"] > 0
+    assert result["state_bytes"] > 0
+
+
+def test_the_gpu_smollm2_part_isolates_its_methods():
+    config = step_cost.part_configs("cuda", False, "random")["e2e-smollm2"]
+    assert config["isolated"]
+    assert config["repeats"] >= 10
+
+
 def test_summarize_only_reads_stored_parts_and_names_a_missing_one(tmp_path, capsys):
     assert step_cost.main(["--quick", "--parts", "ceilings", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
