@@ -52,7 +52,7 @@ import multiprocessing
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -118,14 +118,6 @@ def part_configs(
         dense_limit = 4096 if device == "cuda" else 1024
     common = {"device": device, "dtype": "float32", "repeats": repeats, "warmup": warmup}
     ceiling_matmul, ceiling_copy_mib = (8192, 2048) if device == "cuda" else (2048, 256)
-    # The slowest last: a run cut short by a time limit has measured the most methods.
-    e2e_methods = [
-        "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom" + NO_FACTOR_GRADS,
-        "lorsum-x1-nomom-in-backward", "lorsum-x1-nomom" + NO_FACTOR_GRADS + IN_BACKWARD,
-        "lorsum-x1", "lorsum-x1" + NO_FACTOR_GRADS,
-        "lorsum-x1-in-backward", "lorsum-x8", "precond-adamw", "scaled-kfac", "full-adamw",
-        FROZEN, "lora-pro", "svdlora",
-    ]  # fmt: skip
     quick_e2e = [
         "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom" + NO_FACTOR_GRADS,
         "lorsum-x1-nomom-in-backward", FROZEN,
@@ -156,14 +148,14 @@ def part_configs(
         "e2e-minilm": {
             **common, "part": "e2e-minilm", "batch": 4 if quick else 32,
             "seq_len": 16 if quick else 128,
-            "methods": quick_e2e if quick else e2e_methods,
+            "methods": quick_e2e if quick else list(E2E_METHODS),
             "repeats": 2 if quick else 5,
         },
         "e2e-smollm2": {
             **common, "part": "e2e-smollm2", "batch": 2 if quick else 8,
             "seq_len": 16 if quick else 512, "rank": 4 if quick else 16, "autocast": "bfloat16",
             "weights": smollm2_weights,
-            "methods": quick_e2e if quick else e2e_methods,
+            "methods": quick_e2e if quick else list(E2E_METHODS),
             "repeats": 2 if quick else 10, "isolated": not quick,
         },
     }  # fmt: skip
@@ -253,6 +245,15 @@ NO_FACTOR_GRADS = "-no-factor-grads"  # suffix: its capture has factor_grads=Fal
 # no gradient for them and nothing is stepped. Against LoRA-AdamW it bounds what skipping the
 # factor gradients (which LoRSum does not use) could save at most.
 FROZEN = "frozen-adapters"
+# The end-to-end parts' methods, the slowest last: a run cut short by a time limit has measured
+# the most methods.
+E2E_METHODS = (
+    "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom" + NO_FACTOR_GRADS,
+    "lorsum-x1-nomom-in-backward", "lorsum-x1-nomom" + NO_FACTOR_GRADS + IN_BACKWARD,
+    "lorsum-x1", "lorsum-x1" + NO_FACTOR_GRADS,
+    "lorsum-x1-in-backward", "lorsum-x8", "precond-adamw", "scaled-kfac", "full-adamw",
+    FROZEN, "lora-pro", "svdlora",
+)  # fmt: skip
 
 
 def _base_method(method: str) -> str:
@@ -296,17 +297,25 @@ def measure_e2e(method: str, config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _measure_e2e_in_fresh_process(method: str, config: dict[str, Any]) -> dict[str, Any]:
-    """:func:`measure_e2e` of ``method`` in a new (spawned) process, after one discarded step."""
+def in_fresh_process(function: Callable[[str, dict], dict], method: str, config: dict) -> dict:
+    """``function(method, config)`` in a new (spawned) process with this one's thread count.
+
+    ``function`` must be importable by name (a module-level function) for the child to find it.
+    """
     context = multiprocessing.get_context("spawn")  # never fork a process that holds CUDA
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        job = pool.submit(_warm_then_measure_e2e, method, config, torch.get_num_threads())
+        job = pool.submit(_with_threads, torch.get_num_threads(), function, method, config)
         return job.result()
 
 
-def _warm_then_measure_e2e(method: str, config: dict[str, Any], num_threads: int) -> dict:
-    torch.set_num_threads(num_threads)  # as the parent: a spawned child picks its own default
-    measure_e2e(method, {**config, "repeats": 1, "warmup": 0})  # one-time allocations, kernels
+def _with_threads(threads: int, function: Callable[[str, dict], dict], *args: Any) -> dict:
+    torch.set_num_threads(threads)  # a spawned child would pick its own default
+    return function(*args)
+
+
+def _warm_then_measure_e2e(method: str, config: dict[str, Any]) -> dict[str, Any]:
+    """:func:`measure_e2e` after one discarded step (one-time allocations, kernel caches)."""
+    measure_e2e(method, {**config, "repeats": 1, "warmup": 0})
     return measure_e2e(method, config)
 
 
@@ -514,7 +523,7 @@ def run_part(config: dict[str, Any], progress: Path | None = None) -> dict[str, 
         for method in config["methods"]:
             _log(f"{config['part']}: {method}{' (own process)' if isolated else ''}")
             measured = (
-                _measure_e2e_in_fresh_process(method, config)
+                in_fresh_process(_warm_then_measure_e2e, method, config)
                 if isolated
                 else measure_e2e(method, config)
             )
