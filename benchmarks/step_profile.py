@@ -129,12 +129,21 @@ def _is_device_kernel(event: Any) -> bool:
     return device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith("cuda")
 
 
-def run(config: dict[str, Any]) -> dict[str, Any]:
+def run(config: dict[str, Any], progress: Path | None = None) -> dict[str, Any]:
+    """Profile every method. ``progress``: where the record so far is written after each method
+    (marked partial), so that a run cut short by a time limit keeps what it measured."""
     start = time.perf_counter()
-    results = []
+    results: list[dict[str, Any]] = []
     for method in config["methods"]:
         print(f"{SUITE}: {method} (own process)", file=sys.stderr, flush=True)
         results.append(step_cost.in_fresh_process(profile_method, method, config))
+        if progress is not None:
+            partial = _record(config, results, time.perf_counter() - start)
+            _results.write_json_atomic(progress, {**partial, "partial": True})
+    return _record(config, results, time.perf_counter() - start)
+
+
+def _record(config: dict[str, Any], results: list[dict[str, Any]], wall_time_s: float) -> dict:
     return _results.make_record(
         suite=SUITE,
         part=config["part"],
@@ -144,7 +153,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         seeds=[0],
         results=results,
         summary=_summary(results),
-        wall_time_s=time.perf_counter() - start,
+        wall_time_s=wall_time_s,
         notes={
             "wall_s": "median over the profiled steps, device-synchronised at the phase's end",
             "operators": "top-level aten operators (from Python, hooks, autograd), per step",
@@ -220,9 +229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup": 1 if args.quick else 3,
         "steps": 1 if args.quick else 3,
     }
-    record = run(config)
     path = out / f"{args.part}-{args.device}.json"
+    progress = path.with_suffix(".partial.json")
+    record = run(config, progress)
     _results.write_json_atomic(path, record)
+    progress.unlink(missing_ok=True)
     print(table(record), end="\n\n")
     print(f"{SUITE}: wrote {path}", file=sys.stderr)
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 from benchmarks import step_cost
@@ -134,7 +135,19 @@ def test_a_quick_smollm2_run_adapts_all_seven_linears_under_bf16_autocast(
         name.split(".")[-2] for name, _ in built[0].named_modules() if name.endswith("lora_A")
     }
     assert adapted == set(step_cost.SMOLLM2_TARGETS)
-    assert "### e2e-smollm2" in capsys.readouterr().out
+    interleaved = record["interleaved"]
+    assert interleaved["methods"] == list(step_cost.INTERLEAVED)
+    for method in step_cost.INTERLEAVED:
+        assert interleaved["step_time_s"][method]["repeats"] == record["config"]["rounds"]
+        median = statistics.median(interleaved["over_first_per_round"][method])
+        assert interleaved["median_over_first"][method] == pytest.approx(median)
+    assert interleaved["median_over_first"]["lora-adamw"] == 1.0
+    ratio = record["summary"]["interleaved_lorsum_x1_over_lora_adamw"]
+    assert ratio == interleaved["median_over_first"]["lorsum-x1-nomom"]
+    assert record["summary"]["met"] == (ratio <= step_cost.E2E_TARGET["cpu"])
+    out = capsys.readouterr().out
+    assert "### e2e-smollm2" in out
+    assert "stepped in turn" in out
 
 
 def test_an_isolated_end_to_end_part_measures_each_method_in_its_own_process(monkeypatch):

@@ -25,6 +25,27 @@ def test_a_quick_profile_splits_each_step_into_its_phases(tmp_path, capsys):
     assert fwd_bwd["lorsum-x1-nomom"] > fwd_bwd["lora-adamw"]
     assert record["summary"]["step_over_lora_adamw"]["lora-adamw"] == 1.0
     assert "| lorsum-x1-nomom |" in capsys.readouterr().out
+    assert not (tmp_path / "e2e-smollm2-cpu.partial.json").exists()  # replaced by the record
+
+
+def test_a_profile_cut_short_keeps_the_methods_it_finished(tmp_path, monkeypatch):
+    config = {"device": "cpu", "part": "e2e-smollm2", "methods": ["lora-adamw", "lorsum-x1"]}
+    finished = {"method": "lora-adamw"}
+    for phase in step_profile.PHASES:
+        finished[phase] = {"wall_s": 0.1, "operators": 1.0, "kernels": None, "device_busy_s": None}
+
+    def one_then_killed(function, method, config):
+        if method != "lora-adamw":
+            raise KeyboardInterrupt  # the time limit's kill, as far as the parent sees it
+        return finished
+
+    monkeypatch.setattr(step_profile.step_cost, "in_fresh_process", one_then_killed)
+    progress = tmp_path / "partial.json"
+    with pytest.raises(KeyboardInterrupt):
+        step_profile.run(config, progress)
+    record = json.loads(progress.read_text())
+    assert record["partial"] is True
+    assert [r["method"] for r in record["results"]] == ["lora-adamw"]
 
 
 def test_an_unknown_method_is_named(capsys):
