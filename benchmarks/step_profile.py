@@ -213,6 +213,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(step_cost.E2E_METHODS))
     if unknown:
         parser.error(f"unknown method(s): {', '.join(unknown)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.quick and args.out is not None and args.out.resolve() == DEFAULT_OUT.resolve():
+        parser.error("--quick results must not overwrite the committed results; pick another --out")
     return args
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from benchmarks import step_profile
 
 
@@ -52,3 +53,16 @@ def test_an_unknown_method_is_named(capsys):
     with pytest.raises(SystemExit):
         step_profile.parse_args(["--methods", "lora-adamw,lorsum-x9"])
     assert "unknown method(s): lorsum-x9" in capsys.readouterr().err
+
+
+def test_quick_results_never_overwrite_the_committed_ones(capsys):
+    with pytest.raises(SystemExit):
+        step_profile.parse_args(["--quick", "--out", str(step_profile.DEFAULT_OUT)])
+    assert "must not overwrite the committed results" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_without_a_gpu_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        step_profile.parse_args(["--device", "cuda"])
+    assert "no CUDA device is available" in capsys.readouterr().err
