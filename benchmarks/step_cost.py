@@ -23,7 +23,9 @@ rank ``r``, each fed its own ``N`` random input rows, float32:
   1.7× slower than the same methods measured first. The target's methods are then also
   stepped in turn in one process, 20 rounds (``measure_interleaved``), and the target's verdict
   is the median over rounds of the ratio within a round: the ratio of separate medians varied
-  from 0.91× to 1.44× between two leases of the same GPU.
+  from 0.91× to 1.44× between two leases of the same GPU. A run of this part cut short (by a
+  device call's time limit) leaves a partial record that the same command, without
+  ``--force``, goes on from: each method is measured in its own process either way.
 
 For every point and method: the median wall time of the step over ``repeats`` steps after
 ``warmup`` (each after a fresh backward, device-synchronised around the step), the bytes held in
@@ -558,7 +560,8 @@ def with_cost_model(result: dict[str, Any], ceilings: dict[str, Any] | None) -> 
 
 def run_part(config: dict[str, Any], progress: Path | None = None) -> dict[str, Any]:
     """Measure one part. ``progress``: where the finished methods of a long part are written
-    after each one (a partial record), so that a run cut short keeps what it measured."""
+    after each one (a partial record), so that a run cut short keeps what it measured; an
+    ``isolated`` part found there with the same config goes on after its finished methods."""
     start = time.perf_counter()
     if config["part"] == "ceilings":
         results = [measure_ceilings(config)]
@@ -575,8 +578,19 @@ def run_part(config: dict[str, Any], progress: Path | None = None) -> dict[str, 
         if not isolated:
             _log(f"{config['part']}: warm-up with {config['methods'][0]} (discarded)")
             measure_e2e(config["methods"][0], {**config, "repeats": 1, "warmup": 0})
-        results = []
+        results, resumed = [], []
+        if isolated and progress is not None:
+            # Each method has its own process, so a run cut short (by a device call's time
+            # limit, say) can go on from its partial record with nothing lost or skewed.
+            partial = _results.load_current(progress, config)
+            if partial is not None and partial.get("partial"):
+                results = list(partial["results"])
+                resumed = [r["method"] for r in results]
+                start -= partial["wall_time_s"]
+                _log(f"{config['part']}: resuming {progress} after {', '.join(resumed)}")
         for method in config["methods"]:
+            if method in resumed:
+                continue
             _log(f"{config['part']}: {method}{' (own process)' if isolated else ''}")
             measured = (
                 in_fresh_process(_warm_then_measure_e2e, method, config)
@@ -595,6 +609,8 @@ def run_part(config: dict[str, Any], progress: Path | None = None) -> dict[str, 
                 else measure_interleaved(methods, config)
             )
             record = _record(config, results, time.perf_counter() - start, interleaved)
+        if resumed:
+            record["resumed_methods"] = resumed  # measured by an earlier invocation, kept
         return record
     results = []
     for point in points(config):
@@ -881,12 +897,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = sorted(args.parts, key=PARTS.index)  # the ceilings first: the tables use them
     for part in parts:
         path = out / f"{part}-{args.device}.json"
+        progress = path.with_suffix(".partial.json")
+        if args.force:  # a fresh run: neither the record nor a partial one is kept
+            progress.unlink(missing_ok=True)
         record = None if args.force else _results.load_current(path, configs[part])
         if record is None and args.summarize_only:
             _log(f"{part}: {path} is missing or was made with another config (--summarize-only)")
             return 1
         if record is None:
-            progress = path.with_suffix(".partial.json")
             record = run_part(configs[part], progress)
             _results.write_json_atomic(path, record)
             progress.unlink(missing_ok=True)

@@ -168,6 +168,42 @@ def test_an_isolated_end_to_end_part_measures_each_method_in_its_own_process(mon
     assert result["state_bytes"] > 0
 
 
+def test_an_isolated_part_cut_short_goes_on_after_its_finished_methods(tmp_path, monkeypatch):
+    config = step_cost.part_configs("cpu", True, "random")["e2e-smollm2"]
+    config = {**config, "methods": ["lora-adamw", "lorsum-x1-nomom", "frozen-adapters"]}
+    config = {**config, "isolated": True, "interleaved": []}
+    measured, killed = [], []
+
+    class KilledError(Exception):
+        pass
+
+    def fake(function, method, config):
+        if method == "frozen-adapters" and not killed:
+            killed.append(method)
+            raise KilledError  # the first invocation dies here (a device call's time limit, say)
+        measured.append(method)
+        timing = {"median_s": 0.1, "min_s": 0.1, "max_s": 0.1, "repeats": 1, "times_s": [0.1]}
+        return {
+            "method": method, "step_time_s": timing, "optimizer_step_time_s": timing,
+            "state_bytes": 0, "peak_bytes": None, "peak_above_setup_bytes": None,
+        }  # fmt: skip
+
+    monkeypatch.setattr(step_cost, "in_fresh_process", fake)
+    progress = tmp_path / "e2e.partial.json"
+    with pytest.raises(KilledError):
+        step_cost.run_part(config, progress)
+    assert measured == ["lora-adamw", "lorsum-x1-nomom"]
+    record = step_cost.run_part(config, progress)
+    assert measured == ["lora-adamw", "lorsum-x1-nomom", "frozen-adapters"]
+    assert [r["method"] for r in record["results"]] == config["methods"]
+    assert record["resumed_methods"] == ["lora-adamw", "lorsum-x1-nomom"]
+    # A partial record of another config is not resumed.
+    other = {**config, "repeats": 3}
+    measured.clear()
+    step_cost.run_part(other, progress)
+    assert measured == config["methods"]
+
+
 def test_the_gpu_smollm2_part_isolates_its_methods():
     config = step_cost.part_configs("cuda", False, "random")["e2e-smollm2"]
     assert config["isolated"]
