@@ -13,6 +13,7 @@ the whole story) and with the default ``factor_grads=True`` (DDP also all-reduce
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import tempfile
 import time
@@ -147,6 +148,12 @@ def _worker(rank: int, init_file: str, out_file: str, shapes: list[tuple[int, in
                     )  # fmt: skip
         if rank == 0:
             torch.save(rows, out_file)
+        # Teardown: drop the DDP wrappers and optimizers (reference cycles hold them, and so the
+        # group's gloo threads) while the group still exists, and let neither rank leave while
+        # the other is inside its last collective; either can make gloo abort a rank at exit
+        # ("terminate called without an active exception", seen in CI).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -153,6 +153,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         path = Path(out_dir) / f"rank{rank}.pt"
         torch.save(results, path.with_suffix(".tmp"))
         os.replace(path.with_suffix(".tmp"), path)  # the parent never reads a partial file
+        gc.collect()  # free the DDP wrappers' hold on gloo while the group exists
+        dist.barrier()  # no rank leaves while another is inside its last collective
     finally:
         dist.destroy_process_group()
 
