@@ -126,7 +126,7 @@ def part_configs(
     ceiling_matmul, ceiling_copy_mib = (8192, 2048) if device == "cuda" else (2048, 256)
     quick_e2e = [
         "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom" + NO_FACTOR_GRADS,
-        "lorsum-x1-nomom-in-backward", FROZEN,
+        "lorsum-x1-nomom-in-backward", "lorsum-x1-nomom" + IN_BACKWARD + BUCKETED, FROZEN,
     ]  # fmt: skip
     return {
         "ceilings": {
@@ -246,6 +246,10 @@ def _synchronize(device: torch.device) -> None:
 
 IN_BACKWARD = "-in-backward"  # suffix of an e2e method stepped with step_in_backward=True
 NO_FACTOR_GRADS = "-no-factor-grads"  # suffix: its capture has factor_grads=False
+# Suffix after IN_BACKWARD: pairs stepped in backward in stacked buckets of BACKWARD_BUCKET
+# (five SmolLM2 blocks' adapters; MiniLM's 12 make one bucket, flushed when backward ends).
+BUCKETED = "-bucketed"
+BACKWARD_BUCKET = 35
 
 
 # Not a method: the adapters' forward and backward with A and B frozen, so autograd computes
@@ -257,7 +261,7 @@ FROZEN = "frozen-adapters"
 E2E_METHODS = (
     "lora-adamw", "lorsum-x1-nomom", "lorsum-x1-nomom" + NO_FACTOR_GRADS,
     "lorsum-x1-nomom-in-backward", "lorsum-x1-nomom" + NO_FACTOR_GRADS + IN_BACKWARD,
-    "lorsum-x1", "lorsum-x1" + NO_FACTOR_GRADS,
+    "lorsum-x1-nomom" + IN_BACKWARD + BUCKETED, "lorsum-x1", "lorsum-x1" + NO_FACTOR_GRADS,
     "lorsum-x1-in-backward", "lorsum-x8", "precond-adamw", "scaled-kfac", "full-adamw",
     FROZEN, "lora-pro", "svdlora",
 )  # fmt: skip
@@ -272,7 +276,7 @@ def _base_method(method: str) -> str:
     """The task's method behind an e2e method name (without its suffixes)."""
     if method == FROZEN:
         return "lora-adamw"
-    return method.removesuffix(IN_BACKWARD).removesuffix(NO_FACTOR_GRADS)
+    return method.removesuffix(BUCKETED).removesuffix(IN_BACKWARD).removesuffix(NO_FACTOR_GRADS)
 
 
 def measure_e2e(method: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -468,8 +472,9 @@ def _smollm2_all_linears(method: str, config: dict[str, Any], device: torch.devi
 
 
 def _e2e_optimizers(model: nn.Module, method: str, learning_rate: Any) -> Any:
-    """The task's optimizers of ``method``; ``<method>-in-backward`` steps in backward and
-    ``<method>-no-factor-grads`` lets autograd skip the factors' gradients."""
+    """The task's optimizers of ``method``; ``<method>-in-backward`` steps in backward (in
+    stacked buckets with ``-bucketed``) and ``<method>-no-factor-grads`` lets autograd skip the
+    factors' gradients."""
     from benchmarks.tasks import _finetune
 
     base = _base_method(method)
@@ -482,6 +487,8 @@ def _e2e_optimizers(model: nn.Module, method: str, learning_rate: Any) -> Any:
         model.enable_input_require_grads()
         return _NoStep()
     overrides: dict[str, Any] = {"step_in_backward": True} if IN_BACKWARD in method else {}
+    if method.endswith(BUCKETED):
+        overrides["backward_bucket"] = BACKWARD_BUCKET
     if NO_FACTOR_GRADS in method:
         overrides["factor_grads"] = False
     return _finetune.Optimizers(model, base, learning_rate(base), overrides=overrides)
@@ -689,6 +696,10 @@ def _summary(config: dict[str, Any], results: list[dict[str, Any]]) -> dict[str,
         if {"lora-adamw", "lorsum-x1-nomom" + IN_BACKWARD} <= set(by_method):
             summary["lorsum_x1_in_backward_over_lora_adamw"] = (
                 by_method["lorsum-x1-nomom" + IN_BACKWARD] / by_method["lora-adamw"]
+            )
+        if {"lora-adamw", "lorsum-x1-nomom" + IN_BACKWARD + BUCKETED} <= set(by_method):
+            summary["lorsum_x1_in_backward_bucketed_over_lora_adamw"] = (
+                by_method["lorsum-x1-nomom" + IN_BACKWARD + BUCKETED] / by_method["lora-adamw"]
             )
         peaks = {r["method"]: r.get("peak_bytes") for r in results}
         above = {r["method"]: r.get("peak_above_setup_bytes") for r in results}

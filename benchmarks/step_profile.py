@@ -42,7 +42,7 @@ SUITE = "step_profile"
 DEFAULT_OUT = _results.REPO_ROOT / "benchmarks" / "results" / SUITE
 DEFAULT_METHODS = (
     "lora-adamw", "frozen-adapters", "lorsum-x1-nomom", "lorsum-x1-nomom-no-factor-grads",
-    "lorsum-x1-nomom-in-backward", "lorsum-x1",
+    "lorsum-x1-nomom-in-backward", "lorsum-x1-nomom-in-backward-bucketed", "lorsum-x1",
 )  # fmt: skip
 PHASES = ("forward_backward", "optimizer_step")
 

@@ -25,11 +25,13 @@ CASES = [
 IDS = [f"{method}-{i}" for i, (method, _) in enumerate(CASES)]
 
 
-def _train(method, hparams, *, step_in_backward, steps=4, scheduler=False, factor_grads=True):
+def _train(
+    method, hparams, *, step_in_backward, steps=4, scheduler=False, factor_grads=True, bucket=1
+):
     model, _ = tiny_lora_model()
     opt = lorsum.create_optimizer(
         model, method, dense_lr=0.01, step_in_backward=step_in_backward,
-        factor_grads=factor_grads, **hparams,
+        factor_grads=factor_grads, backward_bucket=bucket, **hparams,
     )  # fmt: skip
     schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5) if scheduler else None
     for step in range(steps):
@@ -56,6 +58,74 @@ def test_stepping_in_backward_gives_the_trajectory_of_step(method, hparams, fact
     after, _ = _train(method, hparams, step_in_backward=False)
     for a, b in zip(_trainables(inside), _trainables(after), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bucket", [2, 100])
+@pytest.mark.parametrize(("method", "hparams"), CASES, ids=IDS)
+def test_a_bucket_of_pairs_stepped_together_gives_the_trajectory_of_step(method, hparams, bucket):
+    inside, _ = _train(method, hparams, step_in_backward=True, bucket=bucket)
+    after, _ = _train(method, hparams, step_in_backward=False)
+    for a, b in zip(_trainables(inside), _trainables(after), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _four_same_layers(bucket):
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(10, 10), nn.Tanh())]).double()
+    pairs = lorsum.add_lora(model, ["0", "2", "4", "6"], rank=2)
+    opt = lorsum.create_optimizer(
+        model, "lorsum", lr=0.1, step_in_backward=True, backward_bucket=bucket
+    )
+    return model, pairs, opt
+
+
+@pytest.mark.parametrize(
+    ("bucket", "stepped"), [(1, [1, 2, 3, 4]), (2, [0, 2, 2, 4]), (3, [0, 0, 3, 3])]
+)
+def test_a_bucket_is_stepped_when_full_and_its_rest_when_backward_ends(bucket, stepped):
+    model, pairs, opt = _four_same_layers(bucket)
+    seen = []
+
+    def count_stepped(_B):  # registered after the optimizer's hook, so it runs after it
+        seen.append(sum("step" in opt.state[p.B] for p in pairs))
+
+    opt.capture.on_complete(count_stepped)
+    model(torch.randn(32, 10, dtype=torch.float64)).square().sum().backward()
+    assert seen == stepped
+    assert all(int(opt.state[p.B]["step"]) == 1 for p in pairs)  # all stepped inside backward
+    opt.step()
+    assert all(int(opt.state[p.B]["step"]) == 1 for p in pairs)  # and not again
+    opt.capture.remove()
+
+
+def test_a_full_bucket_of_one_shape_is_one_stacked_step(monkeypatch):
+    model, _, opt = _four_same_layers(4)
+    stacks = []
+    original = type(opt)._step_stack
+
+    def counted(self, members, *args, **kwargs):
+        stacks.append(len(members))
+        return original(self, members, *args, **kwargs)
+
+    monkeypatch.setattr(type(opt), "_step_stack", counted)
+    model(torch.randn(32, 10, dtype=torch.float64)).square().sum().backward()
+    assert stacks == [4]  # one stack of the four pairs, not four steps of one
+    opt.capture.remove()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"step_in_backward": True, "backward_bucket": 0}, "Invalid backward_bucket: 0"),
+        ({"step_in_backward": True, "backward_bucket": True}, "Invalid backward_bucket: True"),
+        ({"step_in_backward": True, "backward_bucket": 2.0}, "Invalid backward_bucket: 2.0"),
+        ({"backward_bucket": 2}, "backward_bucket=2 without step_in_backward=True"),
+    ],
+)
+def test_an_invalid_backward_bucket_is_refused(kwargs, match):
+    model, _ = tiny_lora_model()
+    with pytest.raises(ValueError, match=match):
+        lorsum.create_optimizer(model, "lorsum", lr=0.1, **kwargs)
 
 
 def test_a_scheduled_learning_rate_reaches_the_in_backward_step():
@@ -200,14 +270,14 @@ def test_a_peft_llama_steps_in_backward_like_step(factor_grads):
     )  # fmt: skip
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-    def train(step_in_backward):
+    def train(step_in_backward, bucket=1):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config).double()
         lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets)
         model = peft.get_peft_model(model, lora)
         opt = lorsum.create_optimizer(
             model, "lorsum", lr=0.5, momentum=0.5, step_in_backward=step_in_backward,
-            factor_grads=factor_grads if step_in_backward else True,
+            factor_grads=factor_grads if step_in_backward else True, backward_bucket=bucket,
         )  # fmt: skip
         tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
         for step in range(3):
@@ -221,5 +291,7 @@ def test_a_peft_llama_steps_in_backward_like_step(factor_grads):
         opt.capture.remove()
         return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
-    for a, b in zip(train(True), train(False), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    reference = train(False)
+    for bucket in (1, 5):  # 5: buckets that cut across blocks and shapes
+        for a, b in zip(train(True, bucket), reference, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)

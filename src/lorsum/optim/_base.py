@@ -77,6 +77,13 @@ class LoRAOptimizer(Optimizer):
             that capture the full gradient, without gradient accumulation (a second backward
             with no ``step()`` or ``zero_grad()`` in between raises) and without
             ``max_grad_norm`` (a global norm needs every gradient first). Default: ``False``.
+        backward_bucket: with ``step_in_backward``, how many completed pairs are stepped
+            together, as one stacked step (pairs of one shape share its kernels), instead of
+            each on its own; the last ones of a backward are stepped when it ends. The
+            capture then holds the rows of up to this many pairs besides those in flight.
+            Default: ``1`` (each pair at once). On a GPU, where a pair's step alone costs its
+            kernel launches whatever its size, a bucket of a few blocks' pairs removes most
+            of the cost of stepping in backward.
         process_group: the data-parallel group whose ranks' captured gradients are averaged
             (DDP's convention for ``.grad``) before they are used, see :mod:`lorsum.distributed`:
             ``"auto"`` (default) the default group when ``torch.distributed`` is initialised
@@ -99,10 +106,20 @@ class LoRAOptimizer(Optimizer):
         step_in_backward: bool = False,
         process_group: Any = "auto",
         nonfinite: str = "skip_pair",
+        backward_bucket: int = 1,
     ) -> None:
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"Invalid max_grad_norm: {max_grad_norm} (must be > 0 or None)")
         _check_step_in_backward(type(self), step_in_backward, max_grad_norm)
+        if isinstance(backward_bucket, bool) or not isinstance(backward_bucket, int):
+            raise ValueError(f"Invalid backward_bucket: {backward_bucket!r} (must be an int >= 1)")
+        if backward_bucket < 1:
+            raise ValueError(f"Invalid backward_bucket: {backward_bucket} (must be >= 1)")
+        if backward_bucket != 1 and not step_in_backward:
+            raise ValueError(
+                f"backward_bucket={backward_bucket} without step_in_backward=True: the bucket "
+                "holds pairs stepped inside backward"
+            )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"Invalid nonfinite: {nonfinite!r} (must be one of "
@@ -128,6 +145,8 @@ class LoRAOptimizer(Optimizer):
         self.capture = capture  # plumbing, never serialised
         self.max_grad_norm = max_grad_norm
         self.step_in_backward = step_in_backward
+        self.backward_bucket = backward_bucket
+        self._bucket: list[PairWork] = []  # completed in backward, not yet stepped
         resolve_process_group(process_group)  # validates it now; "auto" is resolved per step
         self.process_group = process_group  # plumbing, never serialised
         self._reducers: dict[Any, MeanReducer] = {}  # one per group, so its counters persist
@@ -259,6 +278,7 @@ class LoRAOptimizer(Optimizer):
         Such a capture's window is not the life of ``A.grad`` and ``B.grad`` (they are never
         set), so zeroing without a step (a discarded batch) must end it here.
         """
+        self._flush_bucket()  # popped from the capture already: their step must not be lost
         super().zero_grad(set_to_none)
         if self.capture is not None and not self.capture.factor_grads:
             self.capture.clear()
@@ -280,6 +300,7 @@ class LoRAOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._flush_bucket()  # normally empty: a backward's end flushes it
         captured = self._take_captures()
         reducer = self.reducer if self.needs_capture else None
         if self.max_grad_norm is not None:
@@ -427,9 +448,22 @@ class LoRAOptimizer(Optimizer):
         captured = capture.pop(B)
         if captured is None:
             return  # no rows (a forward the capture could not pair): step() will say so
-        with torch.no_grad():
-            self._step_lora_groups([(group, group["params"][0], B, captured)])
+        if not self._bucket:
+            # Runs when this backward pass ends, after every hook: what the bucket then holds
+            # is stepped before backward() returns (a flush of an empty bucket does nothing).
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush_bucket)
+        self._bucket.append((group, group["params"][0], B, captured))
         self._stepped_in_backward.add(B)
+        if len(self._bucket) >= self.backward_bucket:
+            self._flush_bucket()
+
+    def _flush_bucket(self) -> None:
+        """Step the pairs completed in backward and not yet stepped, as one stacked step."""
+        if not self._bucket:
+            return
+        work, self._bucket = self._bucket, []
+        with torch.no_grad():
+            self._step_lora_groups(work)
 
     # --- data parallelism ------------------------------------------------------------------
 

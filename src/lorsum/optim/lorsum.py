@@ -77,6 +77,8 @@ class LoRSum(LoRAOptimizer):
             :class:`~lorsum.optim.LoRAOptimizer`).
         step_in_backward: step each pair inside ``backward()`` and free its captured rows at
             once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
+        backward_bucket: with ``step_in_backward``, pairs stepped together as one stacked
+            step (default 1; see :class:`LoRAOptimizer`).
         process_group: ``"auto"`` (default), ``None`` or a ``ProcessGroup``: average the captured
             gradients over data-parallel ranks (see :class:`LoRAOptimizer` and
             ``docs/distributed.md``).
@@ -114,6 +116,7 @@ class LoRSum(LoRAOptimizer):
         max_grad_norm: float | None = None,
         nonfinite: str = "skip_pair",
         step_in_backward: bool = False,
+        backward_bucket: int = 1,
         process_group: Any = "auto",
     ) -> None:
         defaults = {
@@ -133,6 +136,7 @@ class LoRSum(LoRAOptimizer):
             max_grad_norm=max_grad_norm,
             nonfinite=nonfinite,
             step_in_backward=step_in_backward,
+            backward_bucket=backward_bucket,
             process_group=process_group,
         )
 

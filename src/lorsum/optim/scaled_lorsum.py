@@ -138,6 +138,8 @@ class ScaledLoRSum(LoRAOptimizer):
             :class:`~lorsum.optim.LoRAOptimizer`).
         step_in_backward: step each pair inside ``backward()`` and free its captured rows at
             once (see :class:`LoRAOptimizer`; no gradient accumulation, no ``max_grad_norm``).
+        backward_bucket: with ``step_in_backward``, pairs stepped together as one stacked
+            step (default 1; see :class:`LoRAOptimizer`).
         process_group: ``"auto"`` (default), ``None`` or a ``ProcessGroup``: average the captured
             gradients over data-parallel ranks (see :class:`LoRAOptimizer` and
             ``docs/distributed.md``).
@@ -210,6 +212,7 @@ class ScaledLoRSum(LoRAOptimizer):
         max_grad_norm: float | None = None,
         nonfinite: str = "skip_pair",
         step_in_backward: bool = False,
+        backward_bucket: int = 1,
         process_group: Any = "auto",
     ) -> None:
         defaults = {
@@ -235,6 +238,7 @@ class ScaledLoRSum(LoRAOptimizer):
             max_grad_norm=max_grad_norm,
             nonfinite=nonfinite,
             step_in_backward=step_in_backward,
+            backward_bucket=backward_bucket,
             process_group=process_group,
         )
 
