@@ -49,33 +49,30 @@ def _trainables(model):
     return [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
+@pytest.mark.parametrize("bucket", [1, 2, 100], ids=lambda k: f"bucket{k}")
 @pytest.mark.parametrize("factor_grads", [True, False], ids=["factor-grads", "no-factor-grads"])
 @pytest.mark.parametrize(("method", "hparams"), CASES, ids=IDS)
-def test_stepping_in_backward_gives_the_trajectory_of_step(method, hparams, factor_grads):
+def test_stepping_in_backward_gives_the_trajectory_of_step(method, hparams, factor_grads, bucket):
     # Without factor gradients the completion signal is the down map's input gradient (the
     # second layer of the tiny model) or its output leaf (the first, whose input needs none).
-    inside, _ = _train(method, hparams, step_in_backward=True, factor_grads=factor_grads)
+    # A bucket of 2 or more steps the pairs together (the last ones when backward ends).
+    inside, _ = _train(
+        method, hparams, step_in_backward=True, factor_grads=factor_grads, bucket=bucket
+    )
     after, _ = _train(method, hparams, step_in_backward=False)
     for a, b in zip(_trainables(inside), _trainables(after), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("bucket", [2, 100])
-@pytest.mark.parametrize(("method", "hparams"), CASES, ids=IDS)
-def test_a_bucket_of_pairs_stepped_together_gives_the_trajectory_of_step(method, hparams, bucket):
-    inside, _ = _train(method, hparams, step_in_backward=True, bucket=bucket)
-    after, _ = _train(method, hparams, step_in_backward=False)
-    for a, b in zip(_trainables(inside), _trainables(after), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def _four_same_layers(bucket):
+def _four_same_layers(bucket=1, factor_grads=True):
+    """Four stacked adapted ``Linear(10, 10)`` layers, LoRSum stepping them in backward."""
     torch.manual_seed(0)
     model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(10, 10), nn.Tanh())]).double()
     pairs = lorsum.add_lora(model, ["0", "2", "4", "6"], rank=2)
     opt = lorsum.create_optimizer(
-        model, "lorsum", lr=0.1, step_in_backward=True, backward_bucket=bucket
-    )
+        model, "lorsum", lr=0.1, step_in_backward=True, backward_bucket=bucket,
+        factor_grads=factor_grads,
+    )  # fmt: skip
     return model, pairs, opt
 
 
@@ -141,12 +138,7 @@ def test_a_scheduled_learning_rate_reaches_the_in_backward_step():
 def test_a_finished_layer_keeps_no_rows_during_backward(factor_grads):
     # Four stacked adapted layers: when each one completes, its rows are consumed at once and
     # no other layer holds any (those below have not been reached yet).
-    torch.manual_seed(0)
-    model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(10, 10), nn.Tanh())]).double()
-    pairs = lorsum.add_lora(model, ["0", "2", "4", "6"], rank=2)
-    opt = lorsum.create_optimizer(
-        model, "lorsum", lr=0.1, step_in_backward=True, factor_grads=factor_grads
-    )
+    model, pairs, opt = _four_same_layers(factor_grads=factor_grads)
     held_at_completion = []
 
     def count_held(_B):  # registered after the optimizer's hook, so it runs after the step
