@@ -19,8 +19,9 @@ rank ``r``, each fed its own ``N`` random input rows, float32:
 * **e2e-smollm2**: the same for SmolLM2-135M with rank-16 LoRA on all seven linears of its 30
   blocks (210 adapters), 8 × 512 random tokens, bf16 autocast, the LM task's rates: for a GPU.
   Each method runs in its own fresh process, 10 measured steps: on a GPU this model's step is
-  bound by the host's kernel launches, and in one shared process the later methods ran up to
-  1.7× slower than the same methods measured first. The target's methods are then also
+  bound by the host's kernel launches, and in one shared process the frozen-adapter reference,
+  measured 13th, took 1.32× LoRA-AdamW's step (measured first) although it does strictly less
+  work. The target's methods are then also
   stepped in turn in one process, 20 rounds (``measure_interleaved``), and the target's verdict
   is the median over rounds of the ratio within a round: the ratio of separate medians varied
   from 0.91× to 1.44× between two leases of the same GPU. A run of this part cut short (by a

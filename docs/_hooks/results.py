@@ -615,7 +615,8 @@ def page_reliability() -> str:
             "with `weights_only=True` on the other and back, returns bit for bit, with every "
             "state tensor in its saved dtype (`tests/optim/test_device_resume.py`; its CUDA "
             "legs, skipped without a GPU, passed on an NVIDIA H200 at commit 42b40ad, with the "
-            "CUDA no-synchronisation tests).",
+            "CUDA no-synchronisation tests: "
+            "`benchmarks/results/reliability/cuda-tests-h200-42b40ad.log`).",
             "",
             "## Bad inputs tried",
             "",

@@ -1,5 +1,6 @@
 """Shared pieces of the stacked-step tests: a model whose adapters form one stack of three and a
-stack of one, and a spy that records the size of every stack an optimizer steps."""
+stack of one, a spy that records the size of every stack an optimizer steps, and an overflow
+injected into one pair's captured gradient."""
 
 from __future__ import annotations
 
@@ -38,3 +39,18 @@ def record_stack_sizes(monkeypatch: pytest.MonkeyPatch, optimizer: type) -> list
 
     monkeypatch.setattr(optimizer, "_step_stack", spy)
     return sizes
+
+
+def poison_captured(optimizer: torch.optim.Optimizer, index: int) -> None:
+    """Make pair ``index``'s captured gradient non-finite, as an overflow would: its rows or
+    dense form, and its output-gradient statistics where the capture keeps them (K-FAC)."""
+    captured = optimizer.capture.peek(optimizer.capture.pairs[index].B)
+    if captured.dense is not None:
+        captured.dense[0, 0] = float("inf")
+    else:
+        S, X = captured.rows[0]
+        captured.rows[0] = (S * float("inf"), X)
+    for name in ("output_grad_sq_sum", "output_grad_gram"):
+        statistic = getattr(captured, name)
+        if statistic is not None:
+            statistic.view(-1)[0] = float("inf")

@@ -23,7 +23,7 @@ import lorsum
 from lorsum.optim import scaled_lorsum as scaled_module
 from lorsum.optim.scaled_lorsum import ScaledLoRSum
 from tests.host_reads import cuda_sync_is_an_error, no_host_reads, step_counters
-from tests.optim.stacks import record_stack_sizes
+from tests.optim.stacks import poison_captured, record_stack_sizes
 
 W = 40  # three W→W layers (one stack) and a W→6 head (a stack of its own)
 TOLERANCES = {"rtol": 1e-10, "atol": 1e-12}
@@ -80,24 +80,10 @@ def _train(foreach, hparams, *, steps=4, micro_batches=1, poison=None, skip_l1_a
             residual = (model(x) - y).square()
             (residual.sum() if sum_loss else residual.mean() / micro_batches).backward()
         if poison is not None and step == steps - 1:
-            _poison(opt, poison)
+            poison_captured(opt, poison)
         opt.step()
         opt.zero_grad()
     return model, opt
-
-
-def _poison(opt, index):
-    """Make pair ``index``'s captured gradient and K-FAC statistics non-finite (an overflow)."""
-    captured = opt.capture.peek(opt.capture.pairs[index].B)
-    if captured.dense is not None:
-        captured.dense[0, 0] = float("inf")
-    else:
-        S, X = captured.rows[0]
-        captured.rows[0] = (S * float("inf"), X)
-    for name in ("output_grad_sq_sum", "output_grad_gram"):
-        statistic = getattr(captured, name)
-        if statistic is not None:
-            statistic.view(-1)[0] = float("inf")
 
 
 def _pair_values(opt):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorsum
-from tests.optim.stacks import record_stack_sizes, three_plus_one
+from tests.optim.stacks import poison_captured, record_stack_sizes, three_plus_one
 
 W = 40
 
@@ -27,20 +27,10 @@ def _train(foreach, hparams, *, steps=4, micro_batches=1, poison=None):
             y = torch.randn(8, 6, generator=g, dtype=torch.float64)
             (model(x) - y).square().mean().backward()
         if poison is not None and step == steps - 1:
-            _poison_rows(opt, poison)
+            poison_captured(opt, poison)
         opt.step()
         opt.zero_grad()
     return model, opt
-
-
-def _poison_rows(opt, index):
-    """Make the captured rows of pair ``index`` non-finite, as an overflow would."""
-    captured = opt.capture.peek(opt.capture.pairs[index].B)
-    if captured.dense is not None:
-        captured.dense[0, 0] = float("inf")
-    else:
-        S, X = captured.rows[0]
-        captured.rows[0] = (S * float("inf"), X)
 
 
 def _factors(model):

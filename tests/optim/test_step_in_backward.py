@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import lorsum
+from tests.optim.stacks import record_stack_sizes
 from tests.utils import mse, regression_batch, tiny_lora_model
 
 CASES = [
@@ -97,14 +98,7 @@ def test_a_bucket_is_stepped_when_full_and_its_rest_when_backward_ends(bucket, s
 
 def test_a_full_bucket_of_one_shape_is_one_stacked_step(monkeypatch):
     model, _, opt = _four_same_layers(4)
-    stacks = []
-    original = type(opt)._step_stack
-
-    def counted(self, members, *args, **kwargs):
-        stacks.append(len(members))
-        return original(self, members, *args, **kwargs)
-
-    monkeypatch.setattr(type(opt), "_step_stack", counted)
+    stacks = record_stack_sizes(monkeypatch, type(opt))
     model(torch.randn(32, 10, dtype=torch.float64)).square().sum().backward()
     assert stacks == [4]  # one stack of the four pairs, not four steps of one
     opt.capture.remove()
