@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ DEFAULT_METHODS = (
     "lorsum-x1-nomom-in-backward", "lorsum-x1-nomom-in-backward-bucketed", "lorsum-x1",
 )  # fmt: skip
 PHASES = ("forward_backward", "optimizer_step")
+TOP = 12  # kernels and operators listed per phase
+KERNEL_NAME_CHARS = 160  # template-heavy kernel names are cut to this
 
 
 def profile_method(method: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -100,33 +103,59 @@ def _phase_counts(events: Any, steps: int) -> dict[str, dict[str, float | None]]
                 return phase
         return None
 
-    operators = dict.fromkeys(PHASES, 0)
+    operators: dict[str, Counter[str]] = {phase: Counter() for phase in PHASES}
     kernels: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    kernel_time: dict[str, Counter[str]] = {phase: Counter() for phase in PHASES}
+    kernel_count: dict[str, Counter[str]] = {phase: Counter() for phase in PHASES}
     found_kernels = False
     for event in events:
         if _is_device_kernel(event):
             found_kernels = True
             if (phase := phase_of(event)) is not None:
                 kernels[phase].append(event.time_range.elapsed_us())
+                name = event.name[:KERNEL_NAME_CHARS]
+                kernel_time[phase][name] += event.time_range.elapsed_us()
+                kernel_count[phase][name] += 1
         elif event.name.startswith("aten::"):
             parent = getattr(event, "cpu_parent", None)
             if (parent is None or not parent.name.startswith("aten::")) and (
                 phase := phase_of(event)
             ) is not None:
-                operators[phase] += 1
+                operators[phase][event.name] += 1
     return {
         phase: {
-            "operators": operators[phase] / steps,
+            "operators": operators[phase].total() / steps,
             "kernels": len(kernels[phase]) / steps if found_kernels else None,
             "device_busy_s": sum(kernels[phase]) / 1e6 / steps if found_kernels else None,
+            # What the time and the launches are spent on: the kernels that take the most
+            # device time, and the operators dispatched most often (each costs host time).
+            "top_kernels": [
+                {
+                    "name": name,
+                    "per_step": kernel_count[phase][name] / steps,
+                    "ms": us / 1e3 / steps,
+                }
+                for name, us in kernel_time[phase].most_common(TOP)
+            ],
+            "top_operators": [
+                {"name": name, "per_step": n / steps}
+                for name, n in operators[phase].most_common(TOP)
+            ],
         }
         for phase in PHASES
     }
 
 
 def _is_device_kernel(event: Any) -> bool:
+    """A kernel on the device's timeline. ``record_function`` ranges (the phases, the optimizer's
+    ``Optimizer.step#...``) appear there too, as user annotations spanning their kernels and the
+    gaps between them: counted as busy time, they would hide how idle the device is."""
     device_type = getattr(event, "device_type", None)
-    return device_type == torch.autograd.DeviceType.CUDA and not event.name.startswith("cuda")
+    return (
+        device_type == torch.autograd.DeviceType.CUDA
+        and not getattr(event, "is_user_annotation", False)
+        and not event.name.startswith("cuda")
+    )
 
 
 def run(config: dict[str, Any], progress: Path | None = None) -> dict[str, Any]:

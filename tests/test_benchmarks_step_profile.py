@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -66,3 +67,16 @@ def test_cuda_without_a_gpu_is_a_clear_error(capsys):
     with pytest.raises(SystemExit):
         step_profile.parse_args(["--device", "cuda"])
     assert "no CUDA device is available" in capsys.readouterr().err
+
+
+def test_only_kernels_count_as_device_time():
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, device_type, annotation=False):
+        return SimpleNamespace(name=name, device_type=device_type, is_user_annotation=annotation)
+
+    assert step_profile._is_device_kernel(event("nvjet_sm90_tst_192x96", cuda))
+    # A phase's range on the device's timeline spans its kernels and the idle gaps between them.
+    assert not step_profile._is_device_kernel(event("Optimizer.step#LoRSum.step", cuda, True))
+    assert not step_profile._is_device_kernel(event("cudaLaunchKernel", cuda))
+    assert not step_profile._is_device_kernel(event("aten::mm", cpu))
