@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorsum
 from tests.optim.stacks import poison_captured, record_stack_sizes, three_plus_one
@@ -111,3 +112,50 @@ def test_pairs_with_large_captured_gradients_are_stepped_alone(stack_sizes, monk
     monkeypatch.setattr(lorsum_module, "STACK_LIMIT", 8 * W)  # below one 40×40 pair's rows
     _train(True, {"lr": 0.2}, steps=1)
     assert stack_sizes == [1, 1, 1, 1]
+
+
+class _CountComputeOperators(TorchDispatchMode):
+    """Counts the operators that compute (on a GPU, kernels the host pays to launch): views
+    and reads of 0-d CPU counters (the step counts that decide a stack's bias correction)
+    launch nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not (func.is_view or func.overloadpacket is torch.ops.aten._local_scalar_dense):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _operators_per_step(optimizer_name: str, pairs: int, **hparams) -> int:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(pairs)])
+    lorsum.add_lora(model, lambda name, linear: True, rank=2)
+    opt = lorsum.create_optimizer(model, optimizer_name, lr=0.1, **hparams)
+    for _ in range(2):  # the second step is the steady one (state created at the first)
+        model(torch.randn(4, 8)).square().mean().backward()
+        with _CountComputeOperators() as counter:
+            opt.step()
+        opt.zero_grad()
+    return counter.count
+
+
+@pytest.mark.parametrize(
+    ("optimizer_name", "hparams"),
+    [
+        ("lorsum", {}),
+        ("lorsum", {"momentum": 0.9}),
+        ("scaled_lorsum", {}),
+        ("lora_pro", {}),
+        ("precond_sgd", {}),
+        ("precond_adamw", {}),
+    ],
+)
+def test_a_stack_computes_with_as_many_operators_for_many_pairs_as_for_few(optimizer_name, hparams):
+    # The host's cost of a step on a GPU is its launches: a stack must not add any per member
+    # (the step counters included), or 210 adapters pay 210 times for each.
+    few = _operators_per_step(optimizer_name, 2, **hparams)
+    many = _operators_per_step(optimizer_name, 12, **hparams)
+    assert many == few

@@ -671,6 +671,12 @@ class LoRAOptimizer(Optimizer):
         self._count_skips(not_finite)
 
 
+def advance_steps(states: list[dict[str, Any]]) -> None:
+    """Add one to each state's ``step`` counter (0-d CPU tensors): one dispatch for a stack,
+    where a loop would dispatch an operator, and convert the scalar, once per pair."""
+    torch._foreach_add_([state["step"] for state in states], 1)
+
+
 def _skip_counters(states: list[dict[str, Any]], device: torch.device) -> list[Tensor]:
     """Each state's ``skipped_steps`` counter, created once (a new tensor per step is a launch)."""
     for state in states:

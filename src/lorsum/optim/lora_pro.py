@@ -19,6 +19,7 @@ from lorsum.optim._base import (
     _check_choice,
     _check_non_negative,
     _check_positive,
+    advance_steps,
 )
 from lorsum.optim._stacking import group_stacks, hyperparameter_key, split_by_size, stack
 
@@ -218,7 +219,7 @@ class LoRAPro(LoRAOptimizer):
         for state in states:
             if "step" not in state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-            state["step"] += 1
+        advance_steps(states)
         # Stacks are (G, …) tensors (views of the pair's own for G = 1). A stack of one gives
         # the functional core its 2-d member, so foreach=False is the unbatched step exactly.
         single = len(members) == 1

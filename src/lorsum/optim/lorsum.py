@@ -16,6 +16,7 @@ from lorsum.optim._base import (
     _check_count,
     _check_fraction,
     _check_non_negative,
+    advance_steps,
 )
 from lorsum.optim._stacking import (
     STACK_LIMIT,
@@ -205,8 +206,7 @@ class LoRSum(LoRAOptimizer):
             )
             updates += [(M_Bs, M_B, M_B_new), (M_As, M_A, M_A_new)]
         self._commit_stack_(states, updates)
-        for state in states:
-            state["step"] += 1
+        advance_steps(states)
 
 
 def _stack_key(group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient) -> Any:

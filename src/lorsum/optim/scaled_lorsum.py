@@ -28,6 +28,7 @@ from lorsum.optim._base import (
     _check_choice,
     _check_count,
     _check_non_negative,
+    advance_steps,
 )
 from lorsum.optim._stacking import (
     STACK_LIMIT,
@@ -482,8 +483,7 @@ class ScaledLoRSum(LoRAOptimizer):
             )
             updates += [(M_Bs, M_B, M_B_new), (M_As, M_A, M_A_new)]
         self._commit_stack_(states_B, updates)
-        for state in states_B:
-            state["step"] += 1
+        advance_steps(states_B)
 
 
 def _is_real(value: object) -> bool:
