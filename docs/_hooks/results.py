@@ -510,6 +510,20 @@ def page_step_cost() -> str:
         if png.exists():
             caption = f"{figures.get(record['part'], record['part'])} ({record['device']})"
             parts.append(_figure(f"step_cost/{png.name}", caption))
+    from benchmarks import step_profile
+
+    for path in sorted((RESULTS / "step_profile").glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        title = f"## Where the time goes: {record['part']} ({record['device']}), profiled"
+        body = step_profile.table(record).split("\n", 2)[2]  # the table, without its heading
+        parts += [
+            title,
+            "",
+            body,
+            "",
+            f"Source: `benchmarks/results/step_profile/{path.name}`.",
+            "",
+        ]
     return "\n".join(parts)
 
 
