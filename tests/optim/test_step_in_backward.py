@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import lorsum
-from tests.optim.stacks import record_stack_sizes
+from tests.optim.stacks import record_stack_sizes, three_plus_one
 from tests.utils import mse, regression_batch, tiny_lora_model
 
 CASES = [
@@ -101,6 +101,38 @@ def test_a_full_bucket_of_one_shape_is_one_stacked_step(monkeypatch):
     stacks = record_stack_sizes(monkeypatch, type(opt))
     model(torch.randn(32, 10, dtype=torch.float64)).square().sum().backward()
     assert stacks == [4]  # one stack of the four pairs, not four steps of one
+    opt.capture.remove()
+
+
+def test_each_stack_fills_its_own_bucket(monkeypatch):
+    # Backward completes the odd 40 → 6 layer first, then the three 40 → 40 ones: one shared
+    # bucket of three would step the odd layer with two of them (stacks of 1 and 2, then 1).
+    model = three_plus_one(40, 6)
+    opt = lorsum.create_optimizer(model, "lorsum", lr=0.1, step_in_backward=True, backward_bucket=3)
+    stacks = record_stack_sizes(monkeypatch, type(opt))
+    model(torch.randn(8, 40, dtype=torch.float64)).square().sum().backward()
+    assert stacks == [3, 1]  # the full bucket at once, the odd layer when backward ended
+    opt.capture.remove()
+
+
+def test_a_pair_stepped_alone_anyway_is_not_held_in_a_bucket(monkeypatch):
+    from lorsum.optim import lorsum as lorsum_module
+
+    monkeypatch.setattr(lorsum_module, "STACK_LIMIT", 1)  # every gradient too large to stack
+    model, pairs, opt = _four_same_layers(bucket=100)
+    seen = []
+    opt.capture.on_complete(lambda _B: seen.append(sum("step" in opt.state[p.B] for p in pairs)))
+    model(torch.randn(32, 10, dtype=torch.float64)).square().sum().backward()
+    assert seen == [1, 2, 3, 4]  # each stepped as soon as complete, its rows freed at once
+    opt.capture.remove()
+
+
+@pytest.mark.parametrize(("bucket", "fold"), [(1, False), (4, True)])
+def test_a_bucket_keeps_the_capture_memory_policy(bucket, fold):
+    # Stepped at once, a layer's rows are a sweep's cheapest input; held in a bucket, they are
+    # folded into m × n where that is smaller, as between backward and step().
+    _, _, opt = _four_same_layers(bucket)
+    assert opt.capture.fold is fold
     opt.capture.remove()
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, cast
 
 import torch
@@ -24,6 +24,7 @@ from torch.optim.sgd import sgd as torch_sgd
 
 from lorsum.capture import CapturedGradient, GradientCapture
 from lorsum.distributed import MeanReducer, check_unsharded, resolve_process_group
+from lorsum.optim._stacking import Alone
 
 __all__ = ["LoRAOptimizer"]
 
@@ -71,19 +72,23 @@ class LoRAOptimizer(Optimizer):
         step_in_backward: step each LoRA pair inside ``backward()``, as soon as its full
             gradient is complete (:meth:`GradientCapture.on_complete`), and drop its captured
             rows at once, so that the capture never holds more than the layers whose backward
-            is in flight; it also sets the capture's ``fold = False`` (rows are never folded
-            into ``m × n``, so each sweep costs ``4 r N (m + n)`` and no ``2 N m n`` fold is
-            paid); :meth:`step` then steps the dense groups only. For the optimizers
-            that capture the full gradient, without gradient accumulation (a second backward
-            with no ``step()`` or ``zero_grad()`` in between raises) and without
-            ``max_grad_norm`` (a global norm needs every gradient first). Default: ``False``.
-        backward_bucket: with ``step_in_backward``, how many completed pairs are stepped
-            together, as one stacked step (pairs of one shape share its kernels), instead of
-            each on its own; the last ones of a backward are stepped when it ends. The
-            capture then holds the rows of up to this many pairs besides those in flight.
-            Default: ``1`` (each pair at once). On a GPU, where a pair's step alone costs its
-            kernel launches whatever its size, a bucket of a few blocks' pairs removes most
-            of the cost of stepping in backward.
+            is in flight; with ``backward_bucket=1`` it also sets the capture's
+            ``fold = False`` (rows are never folded into ``m × n``, so each sweep costs
+            ``4 r N (m + n)`` and no ``2 N m n`` fold is paid); :meth:`step` then steps the
+            dense groups only. For the optimizers that capture the full gradient, without
+            gradient accumulation (a second backward with no ``step()`` or ``zero_grad()`` in
+            between raises) and without ``max_grad_norm`` (a global norm needs every gradient
+            first). Default: ``False``.
+        backward_bucket: with ``step_in_backward``, how many completed pairs of one stack
+            (equal shapes, dtypes, hyperparameters and gradient layout) are stepped together, as
+            one stacked step, instead of each on its own; each stack has its own bucket, and
+            what the buckets hold when a backward ends is stepped then. A pair that is
+            stepped alone anyway is stepped at once. The capture then holds up to
+            ``backward_bucket - 1`` completed pairs per stack besides those in flight, and
+            folds their rows into ``m × n`` where that is smaller, as without
+            ``step_in_backward``. Default: ``1`` (each pair at once). On a GPU, where a pair's
+            step alone costs its kernel launches whatever its size, a bucket of a few blocks'
+            pairs removes most of the cost of stepping in backward.
         process_group: the data-parallel group whose ranks' captured gradients are averaged
             (DDP's convention for ``.grad``) before they are used, see :mod:`lorsum.distributed`:
             ``"auto"`` (default) the default group when ``torch.distributed`` is initialised
@@ -146,7 +151,8 @@ class LoRAOptimizer(Optimizer):
         self.max_grad_norm = max_grad_norm
         self.step_in_backward = step_in_backward
         self.backward_bucket = backward_bucket
-        self._bucket: list[PairWork] = []  # completed in backward, not yet stepped
+        # Completed in backward, not yet stepped: one bucket per stack (see _stack_of).
+        self._buckets: dict[Hashable, list[PairWork]] = {}
         resolve_process_group(process_group)  # validates it now; "auto" is resolved per step
         self.process_group = process_group  # plumbing, never serialised
         self._reducers: dict[Any, MeanReducer] = {}  # one per group, so its counters persist
@@ -169,9 +175,12 @@ class LoRAOptimizer(Optimizer):
                 )
         super().__init__(params, defaults)
         if step_in_backward:
-            # Each layer's rows are consumed as soon as they are complete: keep them as rows
-            # (a sweep over them is the cost floor) instead of folding them into m × n.
-            self.capture.fold = False  # type: ignore[union-attr]
+            # Stepped one by one, a layer's rows are consumed as soon as they are complete:
+            # keep them as rows (a sweep over them is the cost floor) instead of folding them
+            # into m × n. A bucket holds completed pairs until it fills, so the capture's
+            # min(N (m + n), m n) policy applies again; it also lets a large layer's gradient
+            # be stacked, as its folded form, where its rows are over the stacking limit.
+            self.capture.fold = backward_bucket > 1  # type: ignore[union-attr]
             self.capture.on_complete(self._step_pair_in_backward)  # type: ignore[union-attr]
 
     # --- groups ----------------------------------------------------------------------------
@@ -278,7 +287,7 @@ class LoRAOptimizer(Optimizer):
         Such a capture's window is not the life of ``A.grad`` and ``B.grad`` (they are never
         set), so zeroing without a step (a discarded batch) must end it here.
         """
-        self._flush_bucket()  # popped from the capture already: their step must not be lost
+        self._flush_buckets()  # popped from the capture already: their step must not be lost
         super().zero_grad(set_to_none)
         if self.capture is not None and not self.capture.factor_grads:
             self.capture.clear()
@@ -300,7 +309,7 @@ class LoRAOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._flush_bucket()  # normally empty: a backward's end flushes it
+        self._flush_buckets()  # normally empty: a backward's end flushes it
         captured = self._take_captures()
         reducer = self.reducer if self.needs_capture else None
         if self.max_grad_norm is not None:
@@ -448,22 +457,42 @@ class LoRAOptimizer(Optimizer):
         captured = capture.pop(B)
         if captured is None:
             return  # no rows (a forward the capture could not pair): step() will say so
-        if not self._bucket:
-            # Runs when this backward pass ends, after every hook: what the bucket then holds
-            # is stepped before backward() returns (a flush of an empty bucket does nothing).
-            torch.autograd.Variable._execution_engine.queue_callback(self._flush_bucket)
-        self._bucket.append((group, group["params"][0], B, captured))
         self._stepped_in_backward.add(B)
-        if len(self._bucket) >= self.backward_bucket:
-            self._flush_bucket()
-
-    def _flush_bucket(self) -> None:
-        """Step the pairs completed in backward and not yet stepped, as one stacked step."""
-        if not self._bucket:
+        item: PairWork = (group, group["params"][0], B, captured)
+        key = self._stack_of(item)
+        if key is None:
+            return  # nothing to step for this pair (the optimizer's own rule)
+        if isinstance(key, Alone) or self.backward_bucket == 1:
+            self._step_now([item])  # no other pair would join its stack
             return
-        work, self._bucket = self._bucket, []
+        if not self._buckets:
+            # Runs when this backward pass ends, after every hook: what the buckets then hold
+            # is stepped before backward() returns (a flush of empty buckets does nothing).
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush_buckets)
+        # A bucket per stack: pairs complete in the order of the model's layers, a block's
+        # shapes interleaved, so one shared bucket would split into a small stack per shape.
+        bucket = self._buckets.setdefault(key, [])
+        bucket.append(item)
+        if len(bucket) >= self.backward_bucket:
+            del self._buckets[key]
+            self._step_now(bucket)
+
+    def _flush_buckets(self) -> None:
+        """Step the pairs completed in backward and not yet stepped, stacked as they fit."""
+        if not self._buckets:
+            return
+        work = [item for bucket in self._buckets.values() for item in bucket]
+        self._buckets = {}
+        self._step_now(work)
+
+    def _step_now(self, work: list[PairWork]) -> None:
         with torch.no_grad():
             self._step_lora_groups(work)
+
+    def _stack_of(self, item: PairWork) -> Hashable | None:
+        """The stack ``item`` is stepped in (:func:`group_stacks`'s key); ``None``: not stepped.
+        Optimizers that stack override it; here every pair is stepped alone."""
+        return Alone(id(item[2]))
 
     # --- data parallelism ------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ decides what goes in its key and how large a stack may be.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "STACK_LIMIT",
+    "Alone",
     "captured_numel",
     "group_stacks",
     "hyperparameter_key",
@@ -33,6 +35,15 @@ Item = TypeVar("Item")
 # foreach=True: its products already keep the device busy, and stacking would copy the rows
 # (time, and memory as large as the rows themselves). 2**22 floats: 16 MiB in float32.
 STACK_LIMIT = 2**22
+
+
+@dataclass(frozen=True)
+class Alone:
+    """The stack key of a pair stepped on its own (``foreach=False``, a gradient over
+    ``STACK_LIMIT``, or an optimizer that steps pair by pair): no other pair shares it, so a
+    backward bucket (``backward_bucket``) has no reason to hold it back."""
+
+    pair: int  # id() of the pair's B
 
 
 def stack(tensors: list[Tensor]) -> Tensor:
@@ -76,8 +87,8 @@ def hyperparameter_key(group: dict[str, Any]) -> tuple[Any, ...]:
 def group_stacks(items: Iterable[Item], key: Callable[[Item], Hashable | None]) -> list[list[Item]]:
     """``items`` gathered by ``key`` into stacks, in first-seen order.
 
-    An item whose key is ``None`` is left out (a pair with nothing to step); a key unique to one
-    item (``id(B)``) steps it alone.
+    An item whose key is ``None`` is left out (a pair with nothing to step); an :class:`Alone`
+    key steps it alone.
     """
     stacks: dict[Hashable, list[Item]] = {}
     for item in items:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from lorsum.optim._base import (
 )
 from lorsum.optim._stacking import (
     STACK_LIMIT,
+    Alone,
     captured_numel,
     group_stacks,
     hyperparameter_key,
@@ -153,15 +155,15 @@ class LoRSum(LoRAOptimizer):
         # Pairs that agree on shapes, dtypes, hyperparameters and the layout of their captured
         # gradient are stepped as one stack: one batched product and one batched r×r solve per
         # half-step for all of them, instead of a Python loop of small kernels per layer.
-        def key(item: PairWork) -> Any:
-            group, A, B, captured = item
-            if captured is None:
-                return None
-            stackable = group["foreach"] and captured_numel(captured) <= STACK_LIMIT
-            return _stack_key(group, A, B, captured) if stackable else id(B)
-
-        for members in group_stacks(work, key):
+        for members in group_stacks(work, self._stack_of):
             self._step_stack(members)
+
+    def _stack_of(self, item: PairWork) -> Hashable | None:
+        group, A, B, captured = item
+        if captured is None:
+            return None
+        stackable = group["foreach"] and captured_numel(captured) <= STACK_LIMIT
+        return _stack_key(group, A, B, captured) if stackable else Alone(id(B))
 
     def _step_stack(self, members: list[PairWork]) -> None:
         group = members[0][0]  # every member has the same hyperparameters (the stack's key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 from numbers import Real
 from typing import Any
 
@@ -32,6 +33,7 @@ from lorsum.optim._base import (
 )
 from lorsum.optim._stacking import (
     STACK_LIMIT,
+    Alone,
     captured_numel,
     group_stacks,
     hyperparameter_key,
@@ -291,15 +293,15 @@ class ScaledLoRSum(LoRAOptimizer):
 
         # Pairs that agree on everything the step reads (see _stack_key) are stepped as one
         # stack: one batched kernel per operation instead of a Python loop of small ones.
-        def key(item: PairWork) -> Any:
-            group, A, B, captured = item
-            if captured is None or captured.num_rows == 0:
-                return None  # the layer saw no backward this step: left untouched
-            stackable = group["foreach"] and captured_numel(captured) <= STACK_LIMIT
-            return self._stack_key(group, A, B, captured) if stackable else id(B)
-
-        for members in group_stacks(work, key):
+        for members in group_stacks(work, self._stack_of):
             self._step_stack(members)
+
+    def _stack_of(self, item: PairWork) -> Hashable | None:
+        group, A, B, captured = item
+        if captured is None or captured.num_rows == 0:
+            return None  # the layer saw no backward this step: left untouched
+        stackable = group["foreach"] and captured_numel(captured) <= STACK_LIMIT
+        return self._stack_key(group, A, B, captured) if stackable else Alone(id(B))
 
     def _stack_key(
         self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient
