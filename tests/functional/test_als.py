@@ -666,7 +666,10 @@ def test_a_stack_of_problems_is_solved_as_each_one_alone(
         B_i, A_i = lorsum(
             one, weights, (B0[i], A0[i]), **options, **{k: v[i] for k, v in metrics.items()}
         )
-        torch.testing.assert_close(B[i] @ A[i], B_i @ A_i, rtol=1e-9, atol=1e-9)
+        # Batched and unbatched kernels round differently, and without damping an r = n
+        # problem's r×r systems can amplify that a thousandfold (seen: 5e-9 relative); a
+        # member mixed up with another would be off by O(1).
+        torch.testing.assert_close(B[i] @ A[i], B_i @ A_i, rtol=1e-7, atol=1e-7)
 
 
 def test_a_stack_must_carry_the_same_leading_dims_everywhere():
