@@ -274,3 +274,22 @@ def test_under_autocast_checkpointing_gives_the_same_gradient_to_bfloat16_roundi
 
     for plain, checkpointed in zip(gradients(False), gradients(True), strict=True):
         assert ref.rel_err(checkpointed, plain) <= 1e-2
+
+
+@pytest.mark.parametrize(
+    ("S_dtype", "X_dtype"),
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+    ],
+)
+def test_a_windows_first_fold_is_the_sum_into_zeros_without_the_zeros(S_dtype, X_dtype):
+    from lorsum.capture import _accumulate_dtype, _add_product_, _new_product
+
+    S, X = randn(40, 12, seed=1).to(S_dtype), randn(40, 9, seed=2).to(X_dtype)
+    into_zeros = torch.zeros(12, 9, dtype=_accumulate_dtype(S))
+    _add_product_(into_zeros, S, X)
+    first = _new_product(S, X)
+    assert first.dtype == into_zeros.dtype
+    torch.testing.assert_close(first, into_zeros, rtol=0, atol=0)

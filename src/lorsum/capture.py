@@ -384,8 +384,13 @@ class _Site:
         if captured.dense is None and not fold:
             captured.rows.append((S, X))
             return
+        if captured.dense is None and not captured.rows:
+            # The window's first rows, already past the fold: the product is the accumulator
+            # (no zeros to add it to: one launch fewer per layer and step on a GPU).
+            captured.dense = _new_product(S, X)
+            return
         if captured.dense is None:  # fold the rows kept so far: the dense form is now smaller
-            captured.dense = captured.to_dense() if captured.rows else _zeros_like_gradient(S, X)
+            captured.dense = captured.to_dense()
             captured.rows = []
         _add_product_(captured.dense, S, X)
 
@@ -456,9 +461,13 @@ def _add_product_(dense: Tensor, S: Tensor, X: Tensor) -> None:
         dense.addmm_(S.mT.to(dense.dtype), X.to(dense.dtype))
 
 
+def _new_product(S: Tensor, X: Tensor) -> Tensor:
+    """``Sᵀ X`` as a new accumulator: :func:`_add_product_` into zeros, without the zeros."""
+    dtype = _accumulate_dtype(S)
+    if S.dtype == X.dtype and S.dtype in (torch.bfloat16, torch.float16):
+        return (S.mT @ X).to(dtype)
+    return S.mT.to(dtype) @ X.to(dtype)
+
+
 def _accumulate_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
-
-
-def _zeros_like_gradient(S: Tensor, X: Tensor) -> Tensor:
-    return torch.zeros(S.shape[1], X.shape[1], dtype=_accumulate_dtype(S), device=S.device)
