@@ -7,6 +7,7 @@ whole batch and the ranks stay identical. Runs on CPU (gloo) or one GPU per proc
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -52,8 +53,11 @@ def main() -> None:
             mb = optimizer.reducer.bytes_reduced / 30 / 2**10
             print(f"optimizer all-reduce: {mb:.2f} KiB per step")
         optimizer.capture.remove()
-        # Leave together: a rank that tears down its connections while the other is still
-        # finishing its last collective can make gloo abort that other rank.
+        # Leave together, with nothing left holding the group: DDP's wrapper sits in reference
+        # cycles, and a rank that tears down its connections while the other is still in its
+        # last collective, or while a wrapper still holds them, can make gloo abort a rank.
+        del ddp
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()
