@@ -296,11 +296,32 @@ def run_path(out_dir: Path, config: dict[str, Any]) -> Path:
     return out_dir / f"{config['task']}-{config['variant']}" / config["method"] / name
 
 
+def load_run(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
+    """The record at ``path`` if it was made with ``config``, wherever its data were mounted.
+
+    A run's identity is its config without ``data_dir``: the same files read from ``/tmp/d`` on
+    a GPU machine and from ``../shared/data`` here are the same run (the record still says where
+    they were read). A record made with any other setting is not this run's: None.
+    """
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        stored = record["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(stored, dict):
+        return None
+    if _results.config_hash(_identity(stored)) != _results.config_hash(_identity(config)):
+        return None
+    return record
+
+
+def _identity(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if key != "data_dir"}
+
+
 def execute(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Load or run every run, writing each one as soon as it finishes."""
-    todo = [
-        c for c in runs if args.force or _results.load_current(run_path(args.out_dir, c), c) is None
-    ]
+    todo = [c for c in runs if args.force or load_run(run_path(args.out_dir, c), c) is None]
     if args.jobs > 1 and len(todo) > 1:
         _execute_in_processes(todo, args.out_dir, args.jobs)
     else:
@@ -316,7 +337,7 @@ def load_stored(runs: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any
     """The stored record of every run; a missing or outdated one is an error naming its file."""
     records, missing = [], []
     for config in runs:
-        record = _results.load_current(run_path(out_dir, config), config)
+        record = load_run(run_path(out_dir, config), config)
         if record is None:
             missing.append(str(run_path(out_dir, config)))
         records.append(record)

@@ -44,6 +44,24 @@ def test_compare_trains_stores_plots_and_skips_finished_runs(tmp_path, capsys):
     assert "Gap closure" in report
 
 
+def test_a_stored_run_is_found_wherever_its_data_were_mounted(tmp_path):
+    args = ["compare", "--variants", "deterministic", "--methods", "lora-sgd", "--seeds", "1",
+            "--steps", "3", "--out-dir", str(tmp_path), "--no-plot"]  # fmt: skip
+    assert main(args) == 0
+    (run,) = tmp_path.glob("synthetic-deterministic/lora-sgd/lr*-seed0.json")
+    record = json.loads(run.read_text())
+    record["config"]["data_dir"] = "/tmp/d"  # as if made on a machine that mounted data there
+    run.write_text(json.dumps(record))
+    made = run.stat().st_mtime_ns
+    assert main(args) == 0
+    assert run.stat().st_mtime_ns == made  # the same run: not trained again
+
+    record["config"]["steps"] = 4  # another budget is another run
+    run.write_text(json.dumps(record))
+    assert main(args) == 0
+    assert json.loads(run.read_text())["config"]["steps"] == 3
+
+
 def test_an_lr_sweep_keeps_the_best_rate_per_method(tmp_path):
     args = [
         "compare",
