@@ -89,7 +89,8 @@ VALID_TOKENS = 273_868
 # Each method's learning rate: the best final test perplexity of seed 0 at the quick budget over
 # five half decades (compare --lr-sweep-around=-2,-1,0,1,2) around the best of a first sweep of
 # three half decades around SST-2's tuned rate; all stored in benchmarks/results/compare-lr-sweep/
-# lm-*. Every optimum is inside the grid except ScaledLoRSum-Shampoo's (1, the grid's largest).
+# lm-*. Every optimum is inside the grid; ScaledLoRSum-Shampoo's (1, that grid's largest) was
+# checked against 3 and 10 (lm-scaled-shampoo-summary.json).
 _LEARNING_RATES = {
     "full-adamw": 0.0003, "lora-sgd": 1.0, "lora-adamw": 0.01, "loraplus": 0.003,
     "precond-sgd": 0.03, "precond-adamw": 0.01, "svdlora": 0.03, "lora-pro": 0.003,
