@@ -344,26 +344,26 @@ def page_glue() -> str:
             "",
             _figure("compare/glue.png", "GLUE quick size: dev score during training"),
             summary_section("compare/glue-summary.json", "Quick size"),
-            "## Full size (seed 0)",
+            "## Full size, at SST-2's rates (seed 0)",
             "",
             summary_section("compare-full/glue-sst2-summary.json", "SST-2", level=3),
-            summary_section("compare-full/glue-mrpc-rte-summary.json", "MRPC and RTE", level=3),
-            summary_section("compare-full/glue-stsb-summary.json", "STS-B", level=3),
-            summary_section(
-                "compare-full/glue-stsb-svd-pro-summary.json",
-                "STS-B: SVDLoRA and LoRA-Pro",
-                level=3,
-            ),
-            summary_section("compare-full/glue-cola-summary.json", "CoLA", level=3),
-            summary_section(
-                "compare-full/glue-cola-lora-pro-summary.json", "CoLA: LoRA-Pro", level=3
-            ),
+            summary_section("compare-full/glue-summary.json", "MRPC, CoLA, RTE, STS-B", level=3),
             _figures(
                 [
                     ("compare-full/glue-sst2.png", "Full size, SST-2"),
-                    ("compare-full/glue-mrpc-rte.png", "Full size, MRPC and RTE"),
-                    ("compare-full/glue-stsb.png", "Full size, STS-B"),
-                    ("compare-full/glue-cola.png", "Full size, CoLA"),
+                    ("compare-full/glue.png", "Full size, MRPC, CoLA, RTE and STS-B"),
+                ]
+            ),
+            "## Full size, each task's own rates",
+            "",
+            summary_section("compare-full/glue-sweep-summary.json", "The sweep (seed 0)", level=3),
+            summary_section(
+                "compare-full/glue-tuned-summary.json", "Seeds 0-2 at the swept rates", level=3
+            ),
+            _figures(
+                [
+                    ("compare-full/glue-sweep-lr.png", "Full size: score against rate"),
+                    ("compare-full/glue-tuned.png", "Full size, swept rates: mean of 3 seeds"),
                 ]
             ),
             "## Learning-rate sweeps on SST-2",
@@ -406,6 +406,10 @@ def page_lm() -> str:
                 "compare-full/lm-lora-sgd-sweep-summary.json", "Full size, LoRA-SGD's rates"
             ),
             summary_section("compare-lr-sweep/lm-summary.json", "Quick-size learning-rate sweep"),
+            summary_section(
+                "compare-lr-sweep/lm-scaled-shampoo-summary.json",
+                "Quick size, ScaledLoRSum-Shampoo's rates up to 10",
+            ),
             _figure("compare-lr-sweep/lm-lr.png", "Quick size: perplexity against rate"),
         ]
     )
