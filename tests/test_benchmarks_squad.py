@@ -14,6 +14,8 @@ import pytest
 import torch
 from benchmarks import pretrained
 from benchmarks.tasks import squad
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 transformers = pytest.importorskip("transformers")
@@ -139,6 +141,54 @@ def test_squad_v2_scores_take_the_best_gold_and_score_unanswerable_questions_by_
         "NoAns_exact": 50.0, "NoAns_f1": 50.0, "NoAns_total": 2,
     }  # fmt: skip
     assert squad.squad_v2_scores(predictions, questions) == pytest.approx(expected)
+
+
+def test_best_threshold_scores_on_hand_made_margins():
+    questions = [_question(["cat"], "a"), _question([], "b"), _question(["red fox"], "c")]
+    spans = {"a": "cat", "b": "dog", "c": "fox"}
+    margins = {"a": 2.0, "b": 1.0, "c": -1.0}  # threshold 0 answers only c
+    plain = squad.squad_v2_scores(squad._answers(spans, margins), questions)
+    assert plain["f1"] == pytest.approx(100 * (0 + 1 + 2 / 3) / 3)
+    # Answering c, then b, then a moves the F1 sum 1 -> 5/3 -> 2/3 -> 5/3: the first 5/3 wins.
+    best = squad.best_threshold_scores(spans, margins, questions)
+    assert best == pytest.approx({"best_exact": 100 / 3, "best_f1": 500 / 9, "best_f1_answered": 1})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["", "cat", "red fox"]),  # gold ("" = unanswerable)
+            st.sampled_from(["cat", "fox", "dog"]),  # the best span
+            st.sampled_from([-1.0, 0.0, 0.5, 2.0]),  # no-answer margin (ties are common)
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_best_threshold_scores_equal_the_best_over_every_threshold(rows):
+    questions = [_question([gold] if gold else [], str(i)) for i, (gold, _, _) in enumerate(rows)]
+    spans = {str(i): span for i, (_, span, _) in enumerate(rows)}
+    margins = {str(i): margin for i, (_, _, margin) in enumerate(rows)}
+    best = squad.best_threshold_scores(spans, margins, questions)
+    every = []
+    for threshold in [-math.inf, *margins.values()]:
+        answers = {q: s if margins[q] <= threshold else "" for q, s in spans.items()}
+        every.append(squad.squad_v2_scores(answers, questions))
+    assert best["best_f1"] == pytest.approx(max(s["f1"] for s in every))
+    assert best["best_exact"] == pytest.approx(max(s["exact"] for s in every))
+    plain = squad.squad_v2_scores(squad._answers(spans, margins), questions)
+    assert best["best_f1"] >= plain["f1"] - 1e-9
+    answered = best["best_f1_answered"]
+    assert answered == 0 or answered == sum(m <= sorted(margins.values())[answered - 1]
+                                            for m in margins.values())  # fmt: skip
+
+
+def test_best_threshold_scores_reject_missing_questions():
+    with pytest.raises(ValueError, match="without a span or margin"):
+        squad.best_threshold_scores({}, {}, [_question([], "q")])
+    with pytest.raises(ValueError, match="no questions"):
+        squad.best_threshold_scores({}, {}, [])
 
 
 def test_squad_v2_scores_drop_gold_answers_that_normalise_to_nothing():
@@ -318,6 +368,8 @@ def test_short_run_with_a_tiny_bert_has_the_expected_shape(tmp_path, monkeypatch
     assert final["f1"] == result["curves"]["f1"][-1]
     assert 0.0 <= final["exact"] <= final["f1"] <= 100.0
     assert final["total"] == 1  # every fourth of article 3's three questions
+    assert final["f1"] <= final["best_f1"] <= 100.0
+    assert final["best_f1_answered"] in (0, 1)
 
 
 def test_runs_are_deterministic_for_a_seed(tmp_path, monkeypatch):

@@ -27,8 +27,10 @@ token F1 of normalised answers, the maximum over the gold answers; an unanswerab
 gold answer is the empty string. A question's prediction is its best span over all its windows
 (start ≤ end, both in the context, at most 30 tokens) by start + end logit, or "" when the null
 score (start + end logit of ``[CLS]``, the minimum over the windows) is higher. ``f1`` (percent,
-higher is better) is the task's metric; no null-score threshold is tuned (``best_f1`` is not
-reported).
+higher is better) is the task's metric, at that untuned threshold. Each evaluation also records the
+official script's ``best_exact`` and ``best_f1``, the scores at the best threshold on the null
+score's margin over the best span, which show whether the spans are ranked well before the null
+score is calibrated (runs stored before they were added lack them).
 
 Sizes (window counts are for MiniLM's tokenizer):
 
@@ -384,11 +386,16 @@ def evaluate(
     model: nn.Module, windows: Mapping[str, torch.Tensor], questions: Sequence[Question],
     batch: int,
 ) -> dict[str, float]:  # fmt: skip
-    """``squad_v2_scores`` of the model's answers, and ``eval_loss``: the training loss (mean of
-    the start and end cross-entropies) averaged over the windows."""
+    """``squad_v2_scores`` of the model's answers, ``best_threshold_scores`` of the same spans,
+    and ``eval_loss``: the training loss (mean of the start and end cross-entropies) averaged
+    over the windows."""
     scored = _score_windows(model, windows, batch)
-    scores = squad_v2_scores(_choose_answers(windows, questions, scored), questions)
-    return {**scores, "eval_loss": scored["loss"]}
+    spans, margins = _candidates(windows, questions, scored)
+    return {
+        **squad_v2_scores(_answers(spans, margins), questions),
+        **best_threshold_scores(spans, margins, questions),
+        "eval_loss": scored["loss"],
+    }
 
 
 def predict(
@@ -402,7 +409,7 @@ def predict(
     logits, the minimum over the windows) is higher. ``windows`` come from ``features`` of
     ``questions``; ``batch`` windows go through the model at a time.
     """
-    return _choose_answers(windows, questions, _score_windows(model, windows, batch))
+    return _answers(*_candidates(windows, questions, _score_windows(model, windows, batch)))
 
 
 @torch.no_grad()
@@ -434,9 +441,11 @@ def _score_windows(
             "loss": float(loss) / count}  # fmt: skip
 
 
-def _choose_answers(
+def _candidates(
     windows: Mapping[str, torch.Tensor], questions: Sequence[Question], scored: dict[str, Any]
-) -> dict[str, str]:
+) -> tuple[dict[str, str], dict[str, float]]:
+    """Per question id: its best span's text, and its no-answer margin (null score minus best
+    span score; the question is answered "" when the margin is above the threshold, 0)."""
     best: dict[int, tuple[float, int]] = {}  # question -> (best span score, its window)
     null: dict[int, float] = {}  # question -> minimum null score
     for window, owner in enumerate(windows["question"].tolist()):
@@ -444,16 +453,18 @@ def _choose_answers(
         if owner not in best or score > best[owner][0]:
             best[owner] = (score, window)
         null[owner] = min(null.get(owner, math.inf), float(scored["null_score"][window]))
-    predictions = {}
+    spans, margins = {}, {}
     for index, question in enumerate(questions):
         score, window = best[index]
-        if null[index] > score:
-            predictions[question.id] = ""
-        else:
-            first, last = scored["span"][window].tolist()
-            begin, end = windows["offsets"][window, first, 0], windows["offsets"][window, last, 1]
-            predictions[question.id] = question.context[int(begin) : int(end)]
-    return predictions
+        first, last = scored["span"][window].tolist()
+        begin, end = windows["offsets"][window, first, 0], windows["offsets"][window, last, 1]
+        spans[question.id] = question.context[int(begin) : int(end)]
+        margins[question.id] = null[index] - score
+    return spans, margins
+
+
+def _answers(spans: Mapping[str, str], margins: Mapping[str, float]) -> dict[str, str]:
+    return {qid: "" if margins[qid] > 0 else span for qid, span in spans.items()}
 
 
 def _best_spans(
@@ -540,6 +551,54 @@ def squad_v2_scores(
         if pairs:
             out.update(_percent(pairs, f"{name}_"))
     return out
+
+
+def best_threshold_scores(
+    spans: Mapping[str, str], margins: Mapping[str, float], questions: Sequence[Question]
+) -> dict[str, float]:
+    """SQuAD v2's ``best_exact`` and ``best_f1``: the scores at the best no-answer threshold.
+
+    A question is answered with its span when its no-answer margin is at most the threshold, else
+    "" (threshold 0 is ``squad_v2_scores``' rule). The official script reports these next to the
+    plain scores, from the same predictions: they tell whether the spans are ranked well even
+    when the null score is not yet calibrated, which a short fine-tuning leaves it. Questions with
+    equal margins are answered together, since no threshold separates them.
+
+    Returns:
+        ``best_exact`` and ``best_f1`` (percent), and ``best_f1_answered``: how many questions
+        the best F1's threshold answers (0 when answering none is best).
+    """
+    if not questions:
+        raise ValueError("no questions to score")
+    missing = [q.id for q in questions if q.id not in spans or q.id not in margins]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} question(s) without a span or margin, e.g. {missing[0]!r}"
+        )
+    gains: list[tuple[float, float, float]] = []  # (margin, exact gain, f1 gain) of answering
+    exact = f1 = 0.0  # the scores when every question is answered ""
+    for question in questions:
+        golds = [a for a in question.answers if normalize_answer(a)] or [""]
+        span = spans[question.id]
+        empty = (max(exact_match("", g) for g in golds), max(token_f1("", g) for g in golds))
+        answered = (max(exact_match(span, g) for g in golds), max(token_f1(span, g) for g in golds))
+        exact, f1 = exact + empty[0], f1 + empty[1]
+        gains.append((margins[question.id], answered[0] - empty[0], answered[1] - empty[1]))
+    gains.sort(key=lambda gain: gain[0])
+    best_exact, best_f1, best_answered = exact, f1, 0
+    for index, (margin, exact_gain, f1_gain) in enumerate(gains):
+        exact, f1 = exact + exact_gain, f1 + f1_gain
+        if index + 1 < len(gains) and gains[index + 1][0] == margin:
+            continue  # a tie: the next question is answered at every threshold that answers this
+        best_exact = max(best_exact, exact)
+        if f1 > best_f1:
+            best_f1, best_answered = f1, index + 1
+    count = len(questions)
+    return {
+        "best_exact": 100.0 * best_exact / count,
+        "best_f1": 100.0 * best_f1 / count,
+        "best_f1_answered": best_answered,
+    }
 
 
 def _percent(pairs: list[tuple[float, float]], prefix: str) -> dict[str, float]:
