@@ -1,0 +1,72 @@
+"""The offline bundle: packed into bounded parts, joined and checked, extracted as it was."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from benchmarks import offline_bundle, pretrained
+
+
+@pytest.fixture
+def sources(tmp_path, monkeypatch):
+    minilm = tmp_path / "pkg" / "minilm"
+    (minilm / "1_Pooling").mkdir(parents=True)
+    (minilm / "config.json").write_text("{}")
+    (minilm / "model.safetensors").write_bytes(bytes(range(256)) * 40)
+    (minilm / "1_Pooling" / "config.json").write_text("{}")
+    gguf_file = tmp_path / "pkg" / pretrained.SMOLLM2_GGUF
+    gguf_file.write_bytes(b"GGUF" + bytes(5000))
+    gguf_package = tmp_path / "pkg" / "gguf"
+    (gguf_package / "__pycache__").mkdir(parents=True)
+    (gguf_package / "__init__.py").write_text("")
+    (gguf_package / "__pycache__" / "x.pyc").write_bytes(b"stale")
+    data = tmp_path / "data"
+    for name in offline_bundle.DEFAULT_DATA:
+        (data / name).mkdir(parents=True)
+        (data / name / "part.txt").write_text(name * 100)
+    (data / "SHA256SUMS").write_text("sums\n")
+    monkeypatch.setattr(pretrained, "minilm_dir", lambda: minilm)
+    monkeypatch.setattr(pretrained, "smollm2_file", lambda: gguf_file)
+    monkeypatch.setattr(offline_bundle, "_gguf_package", lambda: gguf_package)
+    return data
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_parts_are_bounded_and_unpack_to_the_models_data_and_gguf(tmp_path, sources):
+    parts = offline_bundle.pack(tmp_path / "out", part_bytes=4000, data_dir=sources)
+    assert len(parts) > 3
+    assert all(p.stat().st_size <= 4000 for p in parts)
+    to = offline_bundle.unpack(tmp_path / "out", tmp_path / "offline")
+    tree = _tree(to)
+    assert tree["models/minilm/model.safetensors"] == bytes(range(256)) * 40
+    assert tree["models/minilm/1_Pooling/config.json"] == b"{}"
+    assert tree[f"models/smollm2/{pretrained.SMOLLM2_GGUF}"] == b"GGUF" + bytes(5000)
+    assert tree["data/wikitext-2/part.txt"] == b"wikitext-2" * 100
+    assert tree["data/SHA256SUMS"] == b"sums\n"
+    assert "site/gguf/__init__.py" in tree
+    assert not any("__pycache__" in name for name in tree)
+
+
+def test_a_missing_or_foreign_part_is_refused(tmp_path, sources, capsys):
+    parts = offline_bundle.pack(tmp_path / "out", part_bytes=4000, data_dir=sources)
+    parts[1].unlink()
+    with pytest.raises(offline_bundle._cli.UserError, match="do not match"):
+        offline_bundle.unpack(tmp_path / "out", tmp_path / "offline")
+    assert not (tmp_path / "offline").exists()  # nothing is extracted from a broken bundle
+    assert offline_bundle.main(["unpack", str(tmp_path / "empty"), "--to", str(tmp_path)]) == 2
+    assert "holds no bundle" in capsys.readouterr().err
+
+
+def test_packing_again_replaces_the_old_parts_and_checks_its_inputs(tmp_path, sources, capsys):
+    offline_bundle.pack(tmp_path / "out", part_bytes=1000, data_dir=sources)
+    parts = offline_bundle.pack(tmp_path / "out", part_bytes=10**6, data_dir=sources)
+    assert sorted((tmp_path / "out").glob(offline_bundle.PART_GLOB)) == parts == parts[:1]
+    argv = ["pack", "--out", str(tmp_path / "o"), "--data-dir", str(sources), "--data", "nope"]
+    assert offline_bundle.main(argv) == 2
+    assert "dataset 'nope' is not a folder" in capsys.readouterr().err
+    with pytest.raises(offline_bundle._cli.UserError, match="part size"):
+        offline_bundle.pack(tmp_path / "o", part_bytes=0, data_dir=sources)
