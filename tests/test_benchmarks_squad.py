@@ -153,6 +153,11 @@ def test_best_threshold_scores_on_hand_made_margins():
     # Answering c, then b, then a moves the F1 sum 1 -> 5/3 -> 2/3 -> 5/3: the first 5/3 wins.
     best = squad.best_threshold_scores(spans, margins, questions)
     assert best == pytest.approx({"best_exact": 100 / 3, "best_f1": 500 / 9, "best_f1_answered": 1})
+    # A question without any allowed span (margin +inf) is never answered, whatever its text.
+    questions.append(_question(["fox"], "d"))
+    spans["d"], margins["d"] = "fox", math.inf
+    best = squad.best_threshold_scores(spans, margins, questions)
+    assert best["best_f1"] == pytest.approx(100 * (5 / 3) / 4)
 
 
 @settings(max_examples=60, deadline=None)

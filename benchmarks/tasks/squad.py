@@ -583,7 +583,8 @@ def best_threshold_scores(
         empty = (max(exact_match("", g) for g in golds), max(token_f1("", g) for g in golds))
         answered = (max(exact_match(span, g) for g in golds), max(token_f1(span, g) for g in golds))
         exact, f1 = exact + empty[0], f1 + empty[1]
-        gains.append((margins[question.id], answered[0] - empty[0], answered[1] - empty[1]))
+        if margins[question.id] < math.inf:  # else no window had a span: never answered
+            gains.append((margins[question.id], answered[0] - empty[0], answered[1] - empty[1]))
     gains.sort(key=lambda gain: gain[0])
     best_exact, best_f1, best_answered = exact, f1, 0
     for index, (margin, exact_gain, f1_gain) in enumerate(gains):
