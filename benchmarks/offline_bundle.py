@@ -12,7 +12,8 @@ tar's sha256; ``unpack`` joins the parts on the other side, checks the sha256 an
 The bundle holds ``models/minilm/`` and ``models/smollm2/`` (the layout ``LORSUM_MODELS_DIR``
 expects), ``data/`` (the chosen datasets of ``--data-dir`` with its README and checksums) and
 ``site/gguf/`` (the installed, pure-Python ``gguf`` package, for the GGUF loader of
-transformers). ``unpack`` prints the variables to export. Nothing is downloaded.
+transformers); ``--models minilm --data glue`` carries only what GLUE needs. ``unpack`` prints
+the variables to export. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -32,28 +33,43 @@ __all__ = ["main", "pack", "unpack"]
 PART_GLOB = "bundle.tar.part*"
 DIGEST_FILE = "bundle.tar.sha256"
 DEFAULT_DATA = ("glue", "squad-v2-cs224n", "wikitext-2")
+MODELS = ("minilm", "smollm2")  # MiniLM: GLUE and SQuAD; SmolLM2 (and gguf to load it): LM
 _DATA_NOTES = ("README.md", "SHA256SUMS")  # kept beside the datasets when the data dir has them
 
 
 def pack(
-    out: Path, *, part_bytes: int, data_dir: Path, datasets: Sequence[str] = DEFAULT_DATA
+    out: Path,
+    *,
+    part_bytes: int,
+    data_dir: Path,
+    datasets: Sequence[str] = DEFAULT_DATA,
+    models: Sequence[str] = MODELS,
 ) -> list[Path]:
     """Write the bundle's parts and sha256 into ``out`` (emptied of earlier parts); the parts.
 
+    ``models`` picks from :data:`MODELS`: a GLUE-only lease need not carry SmolLM2's 98 MB.
+
     Raises:
-        UserError: ``part_bytes < 1``, a dataset missing from ``data_dir``, or ``gguf`` not
-            installed; ``pretrained.MissingModelError``: a model package missing.
+        UserError: ``part_bytes < 1``, an unknown model, a dataset missing from ``data_dir``,
+            or ``gguf`` not installed; ``pretrained.MissingModelError``: a model package missing.
     """
     if part_bytes < 1:
         raise _cli.UserError(f"Invalid part size: {part_bytes} bytes (must be >= 1)")
-    members = [("models/minilm", pretrained.minilm_dir())]
-    members.append(("models/smollm2/" + pretrained.SMOLLM2_GGUF, pretrained.smollm2_file()))
+    unknown = [name for name in models if name not in MODELS]
+    if unknown or not models:
+        raise _cli.UserError(f"Invalid models {list(models)!r}: choose from {list(MODELS)}")
+    members = []
+    if "minilm" in models:
+        members.append(("models/minilm", pretrained.minilm_dir()))
+    if "smollm2" in models:
+        members.append(("models/smollm2/" + pretrained.SMOLLM2_GGUF, pretrained.smollm2_file()))
     for name in datasets:
         if not (data_dir / name).is_dir():
             raise _cli.UserError(f"dataset {name!r} is not a folder of {data_dir}")
         members.append((f"data/{name}", data_dir / name))
     members += [(f"data/{n}", data_dir / n) for n in _DATA_NOTES if (data_dir / n).is_file()]
-    members.append(("site/gguf", _gguf_package()))
+    if "smollm2" in models:
+        members.append(("site/gguf", _gguf_package()))
 
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(PART_GLOB):
@@ -185,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="where the datasets are (default: ../shared/data)")  # fmt: skip
     packer.add_argument("--data", type=_cli.names, default=list(DEFAULT_DATA),
                         help=f"datasets to carry (default: {','.join(DEFAULT_DATA)})")  # fmt: skip
+    packer.add_argument("--models", type=_cli.names, default=list(MODELS),
+                        help=f"models to carry (default: {','.join(MODELS)})")  # fmt: skip
     unpacker = commands.add_parser("unpack", help="join, check and extract the parts")
     unpacker.add_argument("parts", type=Path, help="the folder holding every part")
     unpacker.add_argument("--to", type=Path, required=True, help="where to extract")
@@ -192,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "pack":
             parts = pack(args.out, part_bytes=int(args.part_mb * 1e6), data_dir=args.data_dir,
-                         datasets=args.data)  # fmt: skip
+                         datasets=args.data, models=args.models)  # fmt: skip
             sizes = ", ".join(f"{p.stat().st_size / 1e6:.1f}" for p in parts)
             print(f"wrote {len(parts)} parts to {args.out} ({sizes} MB) and {DIGEST_FILE}")
         else:

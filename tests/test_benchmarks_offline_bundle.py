@@ -70,3 +70,12 @@ def test_packing_again_replaces_the_old_parts_and_checks_its_inputs(tmp_path, so
     assert "dataset 'nope' is not a folder" in capsys.readouterr().err
     with pytest.raises(offline_bundle._cli.UserError, match="part size"):
         offline_bundle.pack(tmp_path / "o", part_bytes=0, data_dir=sources)
+
+
+def test_a_glue_only_bundle_carries_minilm_and_glue_alone(tmp_path, sources, capsys):
+    argv = ["pack", "--out", str(tmp_path / "out"), "--data-dir", str(sources)]
+    assert offline_bundle.main([*argv, "--models", "minilm", "--data", "glue"]) == 0
+    tree = _tree(offline_bundle.unpack(tmp_path / "out", tmp_path / "offline"))
+    assert {name.split("/")[1] for name in tree} == {"minilm", "glue", "SHA256SUMS"}
+    assert offline_bundle.main([*argv, "--models", "minilm,bert"]) == 2
+    assert "Invalid models ['minilm', 'bert']" in capsys.readouterr().err
