@@ -397,7 +397,12 @@ def train_one(config: dict[str, Any], advance: Callable[[], None]) -> dict[str, 
 
 
 def summarize(task: Any, name: str, variants: Sequence[str], records: list[dict]) -> dict:
-    """Mean ± std over seeds per (variant, method, lr); the best lr per method; task extras."""
+    """Mean ± std over seeds per (variant, method, lr); the best lr per method; task extras.
+
+    Rates are ranked on the seeds that all of a method's rates have (a sweep's seed 0, when a
+    store also holds more seeds at the chosen rate), so that a mean over three seeds never
+    competes with one lucky seed; the chosen rate then reports every seed it has.
+    """
     by_rate: dict[tuple[str, str], dict[float, list[dict]]] = {}
     for record in records:
         c = record["config"]
@@ -415,9 +420,11 @@ def summarize(task: Any, name: str, variants: Sequence[str], records: list[dict]
             if v != variant:
                 continue
             candidates = [_aggregate(task.METRIC, lr, group) for lr, group in rates.items()]
+            shared = set.intersection(*(set(e["seeds"]) for e in candidates))
+            sweep = [_on_seeds(e, shared) for e in candidates]
             sign = -1.0 if task.METRIC_MODE == "max" else 1.0
-            best = min(candidates, key=lambda e: _sort_key(sign * e["final_mean"]))
-            sweep = [{"lr": e["lr"], "final_mean": e["final_mean"]} for e in candidates]
+            best_lr = min(sweep, key=lambda e: _sort_key(sign * e["final_mean"]))["lr"]
+            best = next(e for e in candidates if e["lr"] == best_lr)
             entries[method] = {**best, "sweep": sorted(sweep, key=lambda e: e["lr"])}
         out["variants"][variant] = {"methods": entries, **task.extras(variant, entries)}
     return out
@@ -435,6 +442,14 @@ def _aggregate(metric: str, lr: float, group: list[dict]) -> dict[str, Any]:
         "mean_curve": [statistics.fmean(step) for step in zip(*curves, strict=True)],
         "wall_time_s_mean": statistics.fmean(r["wall_time_s"] for r in group),
     }
+
+
+def _on_seeds(entry: dict[str, Any], shared: set[int]) -> dict[str, Any]:
+    """One rate's point of the sweep: its mean over the seeds every rate has (all of its own
+    when the rates share none)."""
+    pairs = zip(entry["seeds"], entry["final_per_seed"], strict=True)
+    finals = [final for seed, final in pairs if not shared or seed in shared]
+    return {"lr": entry["lr"], "final_mean": statistics.fmean(finals)}
 
 
 def _spread(finals: list[float]) -> float:

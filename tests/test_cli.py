@@ -256,3 +256,29 @@ def test_a_diverged_seed_makes_the_spread_nan_not_a_crash():
     assert entry["final_std"] != entry["final_std"]  # NaN
     single = summarize(task, "synthetic", ["deterministic"], [record(0, 2.0)])
     assert single["variants"]["deterministic"]["methods"]["lora-sgd"]["final_std"] == 0.0
+
+
+def test_rates_are_ranked_on_the_seeds_they_share_not_on_one_lucky_seed():
+    from benchmarks.compare import summarize
+    from benchmarks.tasks import TASKS
+
+    def record(lr, seed, value):
+        config = {"variant": "deterministic", "method": "lora-sgd", "lr": lr, "seed": seed}
+        results = {"final": {"excess_loss": value}, "curves": {"excess_loss": [value]}}
+        return {"config": config, "results": results, "wall_time_s": 1.0}
+
+    # A sweep on seed 0 chose 0.1 (2.0 < 3.0); seeds 1 and 2 at 0.1 then came out worse, so
+    # 0.1's three-seed mean (4.0) is above 0.3's single seed. Ranked on seed 0, 0.1 stays.
+    store = [record(0.3, 0, 3.0), record(0.1, 0, 2.0), record(0.1, 1, 5.0), record(0.1, 2, 5.0)]
+    summary = summarize(TASKS["synthetic"], "synthetic", ["deterministic"], store)
+    entry = summary["variants"]["deterministic"]["methods"]["lora-sgd"]
+    assert (entry["lr"], entry["seeds"], entry["final_mean"]) == (0.1, [0, 1, 2], 4.0)
+    assert entry["sweep"] == [{"lr": 0.1, "final_mean": 2.0}, {"lr": 0.3, "final_mean": 3.0}]
+    # Rates that share no seed are ranked on all of their own.
+    apart = summarize(
+        TASKS["synthetic"],
+        "synthetic",
+        ["deterministic"],
+        [record(0.3, 0, 3.0), record(0.1, 1, 5.0)],
+    )
+    assert apart["variants"]["deterministic"]["methods"]["lora-sgd"]["lr"] == 0.3

@@ -347,6 +347,9 @@ def page_glue() -> str:
             "## Full size, at SST-2's rates (seed 0)",
             "",
             summary_section("compare-full/glue-sst2-summary.json", "SST-2", level=3),
+            summary_section(
+                "compare-full/glue-sst2-svdlora-summary.json", "SST-2, SVDLoRA alone", level=3
+            ),
             summary_section("compare-full/glue-summary.json", "MRPC, CoLA, RTE, STS-B", level=3),
             _figures(
                 [
@@ -358,12 +361,30 @@ def page_glue() -> str:
             "",
             summary_section("compare-full/glue-sweep-summary.json", "The sweep (seed 0)", level=3),
             summary_section(
-                "compare-full/glue-tuned-summary.json", "Seeds 0-2 at the swept rates", level=3
+                "compare-full/glue-sweep2-summary.json",
+                "The second sweep, around the first's choices (seed 0)",
+                level=3,
+            ),
+            summary_section(
+                "compare-full/glue-tuned2-summary.json", "Seeds 0-2 at the swept rates", level=3
+            ),
+            summary_section(
+                "compare-full/glue-svdlora-sweep-summary.json", "SVDLoRA, CoLA and STS-B", level=3
+            ),
+            summary_section(
+                "compare-full/glue-svdlora-sweep-mrpc-rte-summary.json",
+                "SVDLoRA, MRPC and RTE",
+                level=3,
+            ),
+            summary_section(
+                "compare-full/glue-tuned-summary.json",
+                "Seeds 0-2 at the first sweep's rates",
+                level=3,
             ),
             _figures(
                 [
-                    ("compare-full/glue-sweep-lr.png", "Full size: score against rate"),
-                    ("compare-full/glue-tuned.png", "Full size, swept rates: mean of 3 seeds"),
+                    ("compare-full/glue-sweep2-lr.png", "Full size: score against rate"),
+                    ("compare-full/glue-tuned2.png", "Full size, swept rates: mean of 3 seeds"),
                 ]
             ),
             "## Learning-rate sweeps on SST-2",
