@@ -1,10 +1,12 @@
 """``lorsum compare``: train every method on a task, side by side, and keep every run.
 
 One run is (task, variant, method, learning rate, seed). Each is written atomically to
-``<out-dir>/<task>-<variant>/<method>/lr<lr>-seed<seed>.json`` with its config and hash, the
-git SHA, package versions, device, the per-step curves, final metrics, wall time and peak memory.
-A run whose file holds the same config hash is loaded instead of re-run (``--force`` re-runs),
-so an interrupted sweep loses no finished run. At the end: a summary table (mean ± std over
+``<out-dir>/<task>-<variant>/<method>/lr<lr>-seed<seed>.json`` (``...-seed<seed>-steps<N>.json``
+when ``--steps`` departs from the task's budget) with its config and hash, the git SHA, package
+versions, device, the per-step curves, final metrics, wall time and peak memory. A run whose file
+holds the same config hash is loaded instead of re-run (``--force`` re-runs), so an interrupted
+sweep loses no finished run; a file holding a run of another config is never replaced without
+``--force``. At the end: a summary table (mean ± std over
 seeds), ``<task>-summary.json`` and a PNG plot of the curves.
 
 With ``--lr-sweep`` every method runs every learning rate of the list, and the summary keeps,
@@ -180,7 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="file name of the summary and plot, <name>-summary.json and <name>.png (default: "
         "the task's name); lets runs of some variants, or of another device, keep their own",
     )
-    parser.add_argument("--force", action="store_true", help="re-run runs that are stored already")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="re-run runs that are stored already, and replace stored runs of another config",
+    )
     parser.add_argument(
         "--summarize-only",
         action="store_true",
@@ -292,8 +298,21 @@ def _rates_from_summary(source: str, variants: Sequence[str]) -> dict[tuple[str,
 
 
 def run_path(out_dir: Path, config: dict[str, Any]) -> Path:
-    name = f"lr{config['lr']:g}-seed{config['seed']}.json"
-    return out_dir / f"{config['task']}-{config['variant']}" / config["method"] / name
+    """``<task>-<variant>/<method>/lr<lr>-seed<seed>.json``, with ``-steps<N>`` before the suffix
+    when the run's budget is not its size's default: a longer probe at the same rate and seed is
+    another run, and must not take the file of the run at the task's budget."""
+    name = f"lr{config['lr']:g}-seed{config['seed']}"
+    if not has_default_budget(config):
+        name += f"-steps{config['steps']}"
+    return out_dir / f"{config['task']}-{config['variant']}" / config["method"] / f"{name}.json"
+
+
+def has_default_budget(config: dict[str, Any]) -> bool:
+    """Whether the run trains for its task's budget at its size (not a ``--steps`` override)."""
+    task = TASKS[config["task"]]
+    if "size" in config:
+        return bool(config["steps"] == task.default_steps(config["variant"], config["size"]))
+    return bool(config["steps"] == task.default_steps(config["variant"]))
 
 
 def load_run(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -319,9 +338,34 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key != "data_dir"}
 
 
+def _check_no_other_runs(todo: list[dict[str, Any]], out_dir: Path) -> None:
+    """Refuse to train a run whose file already holds a run of another config: training would
+    replace a finished result (made with other settings, or by an older version of a method's
+    table) with no trace. ``--force`` replaces it; another ``--out-dir`` keeps both."""
+    for config in todo:
+        path = run_path(out_dir, config)
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # no file, or not a run record: nothing finished would be lost
+        if not isinstance(stored, dict):
+            continue
+        mine, theirs = _identity(config), _identity(stored)
+        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+        details = ", ".join(
+            f"{key}: stored {theirs.get(key)!r}, planned {mine.get(key)!r}" for key in differ
+        )
+        raise _cli.UserError(
+            f"{path} holds a run of another config ({details}); pass --force to replace it, "
+            "or choose another --out-dir to keep both"
+        )
+
+
 def execute(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Load or run every run, writing each one as soon as it finishes."""
     todo = [c for c in runs if args.force or load_run(run_path(args.out_dir, c), c) is None]
+    if not args.force:
+        _check_no_other_runs(todo, args.out_dir)
     if args.jobs > 1 and len(todo) > 1:
         _execute_in_processes(todo, args.out_dir, args.jobs)
     else:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _cli, _results
-from benchmarks.compare import DEFAULT_OUT, summarize
+from benchmarks.compare import DEFAULT_OUT, has_default_budget, summarize
 from benchmarks.tasks import TASKS
 
 
@@ -59,28 +59,34 @@ def load_runs(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def render(records: list[dict[str, Any]]) -> str:
-    by_task: dict[str, list[dict[str, Any]]] = {}
+    # Runs of another budget (``--steps``) than the task's are not seeds of the same runs: each
+    # budget gets its own sections.
+    by_task: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for record in records:
-        by_task.setdefault(record["config"]["task"], []).append(record)
+        config = record["config"]
+        steps = 0 if has_default_budget(config) else int(config["steps"])
+        by_task.setdefault((config["task"], steps), []).append(record)
     parts = ["# lorsum compare: stored results", ""]
-    for name, task_records in sorted(by_task.items()):
+    for (name, steps), task_records in sorted(by_task.items()):
         task = TASKS[name]
         variants = [
             v for v in task.VARIANTS if any(r["config"]["variant"] == v for r in task_records)
         ]
         summary = summarize(task, name, variants, task_records)
-        parts += _task_section(summary, task_records)
+        parts += _task_section(summary, task_records, f", {steps} steps" if steps else "")
     return "\n".join(parts) + "\n"
 
 
-def _task_section(summary: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+def _task_section(
+    summary: dict[str, Any], records: list[dict[str, Any]], budget: str = ""
+) -> list[str]:
     lines = []
     shas = sorted({str((r["environment"]["git"] or {}).get("sha"))[:10] for r in records})
     for variant, data in summary["variants"].items():
         better = "higher" if summary.get("metric_mode") == "max" else "lower"
         sign = -1 if better == "higher" else 1
         lines += [
-            f"## {summary['task']} ({variant})",
+            f"## {summary['task']} ({variant}){budget}",
             "",
             f"Final {summary['metric']} ({better} is better), mean ± std over the seeds stored at "
             "each method's selected learning rate, the best on the seeds all its rates have. "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from benchmarks.compare import half_decade_grid
+from benchmarks.tasks import synthetic
 
 from lorsum.cli import find_harness_root, main
 
@@ -48,7 +49,7 @@ def test_a_stored_run_is_found_wherever_its_data_were_mounted(tmp_path):
     args = ["compare", "--variants", "deterministic", "--methods", "lora-sgd", "--seeds", "1",
             "--steps", "3", "--out-dir", str(tmp_path), "--no-plot"]  # fmt: skip
     assert main(args) == 0
-    (run,) = tmp_path.glob("synthetic-deterministic/lora-sgd/lr*-seed0.json")
+    (run,) = tmp_path.glob("synthetic-deterministic/lora-sgd/lr*-seed0*.json")
     record = json.loads(run.read_text())
     record["config"]["data_dir"] = "/tmp/d"  # as if made on a machine that mounted data there
     run.write_text(json.dumps(record))
@@ -56,10 +57,48 @@ def test_a_stored_run_is_found_wherever_its_data_were_mounted(tmp_path):
     assert main(args) == 0
     assert run.stat().st_mtime_ns == made  # the same run: not trained again
 
-    record["config"]["steps"] = 4  # another budget is another run
-    run.write_text(json.dumps(record))
+
+def test_a_stored_run_of_another_config_is_never_replaced_without_force(tmp_path, capsys):
+    args = ["compare", "--variants", "deterministic", "--methods", "lora-sgd", "--seeds", "1",
+            "--steps", "3", "--out-dir", str(tmp_path), "--no-plot"]  # fmt: skip
     assert main(args) == 0
-    assert json.loads(run.read_text())["config"]["steps"] == 3
+    (run,) = tmp_path.glob("synthetic-deterministic/lora-sgd/lr*-seed0*.json")
+    record = json.loads(run.read_text())
+    record["config"]["hparams"] = {"momentum": 0.5}  # as if made by an older method table
+    run.write_text(json.dumps(record))
+    capsys.readouterr()
+
+    assert main(args) == 2  # it would train over a finished run: refused, the file named
+    line = _one_error_line(capsys)
+    assert str(run) in line
+    assert "hparams" in line
+    assert "--force" in line
+    assert json.loads(run.read_text())["config"]["hparams"] == {"momentum": 0.5}
+
+    assert main([*args, "--force"]) == 0  # asked for: replaced
+    assert json.loads(run.read_text())["config"]["hparams"] != {"momentum": 0.5}
+
+
+def test_a_run_of_another_budget_gets_its_own_file(tmp_path, capsys):
+    common = ["compare", "--variants", "deterministic", "--methods", "lora-sgd", "--seeds", "1",
+              "--lr", "0.01", "--out-dir", str(tmp_path), "--no-plot"]  # fmt: skip
+    budget = synthetic.default_steps("deterministic")
+    assert main(common) == 0
+    assert main([*common, "--steps", "3"]) == 0
+    runs = sorted(p.name for p in tmp_path.glob("synthetic-deterministic/lora-sgd/*.json"))
+    assert runs == ["lr0.01-seed0-steps3.json", "lr0.01-seed0.json"]
+    steps = {
+        name: json.loads((tmp_path / "synthetic-deterministic/lora-sgd" / name).read_text())[
+            "config"
+        ]["steps"]
+        for name in runs
+    }
+    assert steps == {"lr0.01-seed0-steps3.json": 3, "lr0.01-seed0.json": budget}
+
+    assert main(["report", "--out-dir", str(tmp_path)]) == 0  # never averaged as two seeds
+    report = (tmp_path / "report.md").read_text()
+    assert "## synthetic (deterministic)\n" in report
+    assert "## synthetic (deterministic), 3 steps\n" in report
 
 
 def test_an_lr_sweep_keeps_the_best_rate_per_method(tmp_path):

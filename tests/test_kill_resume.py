@@ -54,7 +54,8 @@ def test_a_sweep_killed_with_sigkill_keeps_its_finished_runs_and_redoes_the_rest
     runs = [(method, lr, seed) for method, lr in (("lora-sgd", 0.01), ("lorsum-x1", 0.5))
             for seed in (0, 1)]  # fmt: skip
     expected = [
-        tmp_path / "synthetic-deterministic" / m / f"lr{lr}-seed{s}.json" for m, lr, s in runs
+        tmp_path / "synthetic-deterministic" / m / f"lr{lr}-seed{s}-steps400.json"
+        for m, lr, s in runs
     ]
     torn = next(path for path in expected if path not in finished)
     torn.parent.mkdir(parents=True, exist_ok=True)
