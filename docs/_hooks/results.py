@@ -366,7 +366,22 @@ def page_glue() -> str:
                 level=3,
             ),
             summary_section(
-                "compare-full/glue-tuned2-summary.json", "Seeds 0-2 at the swept rates", level=3
+                "compare-full/glue-ends-stsb-s1-summary.json",
+                "STS-B, LoRSum's rates at the low end, two half decades further (seed 0)",
+                level=3,
+            ),
+            summary_section(
+                "compare-full/glue-ends-rte-s1-summary.json",
+                "RTE, ScaledLoRSum-Shampoo's rate at the top, two half decades further (seed 0)",
+                level=3,
+            ),
+            summary_section(
+                "compare-full/glue-lorapro-s2-summary.json", "LoRA-Pro's sweep (seed 0)", level=3
+            ),
+            summary_section(
+                "compare-full/glue-tuned3-summary.json",
+                "Seeds 0-2 at the swept rates (every method but SVDLoRA)",
+                level=3,
             ),
             summary_section(
                 "compare-full/glue-svdlora-sweep-summary.json", "SVDLoRA, CoLA and STS-B", level=3
@@ -377,6 +392,22 @@ def page_glue() -> str:
                 level=3,
             ),
             summary_section(
+                "compare-full/glue-svdlora-sweep2-summary.json",
+                "SVDLoRA, its second sweep on RTE and STS-B",
+                level=3,
+            ),
+            summary_section(
+                "compare-full/glue-svdlora-mrpc-seeds-summary.json", "SVDLoRA, MRPC seeds", level=3
+            ),
+            summary_section(
+                "compare-full/glue-svdlora-rte-seeds-summary.json", "SVDLoRA, RTE seeds", level=3
+            ),
+            summary_section(
+                "compare-full/glue-tuned2-summary.json",
+                "Seeds 0-2 at the second sweep's rates (before the ends were swept further)",
+                level=3,
+            ),
+            summary_section(
                 "compare-full/glue-tuned-summary.json",
                 "Seeds 0-2 at the first sweep's rates",
                 level=3,
@@ -384,7 +415,7 @@ def page_glue() -> str:
             _figures(
                 [
                     ("compare-full/glue-sweep2-lr.png", "Full size: score against rate"),
-                    ("compare-full/glue-tuned2.png", "Full size, swept rates: mean of 3 seeds"),
+                    ("compare-full/glue-tuned3.png", "Full size, swept rates: mean of 3 seeds"),
                 ]
             ),
             "## Learning-rate sweeps on SST-2",
@@ -451,6 +482,14 @@ def page_squad() -> str:
             _figure("compare-lr-sweep/squad-lr.png", "F1 against learning rate"),
             summary_section("compare-full/squad-summary.json", "Full size (seed 0)"),
             _figure("compare-full/squad.png", "Full size: F1 during training"),
+            summary_section(
+                "compare-full/squad-long-summary.json",
+                "Twice the full size, 604 steps, at SST-2's rates (seed 0)",
+            ),
+            summary_section(
+                "compare-full/squad-long-up-summary.json",
+                "604 steps, full fine-tuning and LoRA-AdamW one half decade higher (seed 0)",
+            ),
         ]
     )
 
