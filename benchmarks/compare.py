@@ -338,27 +338,37 @@ def _identity(config: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in config.items() if key != "data_dir"}
 
 
+def conflicting_run(path: Path, config: dict[str, Any]) -> str | None:
+    """How the run stored at ``path`` differs from ``config`` (``"key: stored ..., planned
+    ..."``), or None when there is no run there or it is this one (wherever its data were
+    mounted)."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no file, or not a run record: nothing finished would be lost
+    if not isinstance(stored, dict):
+        return None
+    mine, theirs = _identity(config), _identity(stored)
+    differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if not differ:
+        return None
+    return ", ".join(
+        f"{key}: stored {theirs.get(key)!r}, planned {mine.get(key)!r}" for key in differ
+    )
+
+
 def _check_no_other_runs(todo: list[dict[str, Any]], out_dir: Path) -> None:
     """Refuse to train a run whose file already holds a run of another config: training would
     replace a finished result (made with other settings, or by an older version of a method's
     table) with no trace. ``--force`` replaces it; another ``--out-dir`` keeps both."""
     for config in todo:
         path = run_path(out_dir, config)
-        try:
-            stored = json.loads(path.read_text(encoding="utf-8"))["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # no file, or not a run record: nothing finished would be lost
-        if not isinstance(stored, dict):
-            continue
-        mine, theirs = _identity(config), _identity(stored)
-        differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
-        details = ", ".join(
-            f"{key}: stored {theirs.get(key)!r}, planned {mine.get(key)!r}" for key in differ
-        )
-        raise _cli.UserError(
-            f"{path} holds a run of another config ({details}); pass --force to replace it, "
-            "or choose another --out-dir to keep both"
-        )
+        details = conflicting_run(path, config)
+        if details is not None:
+            raise _cli.UserError(
+                f"{path} holds a run of another config ({details}); pass --force to replace "
+                "it, or choose another --out-dir to keep both"
+            )
 
 
 def execute(runs: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:

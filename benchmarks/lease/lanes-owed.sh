@@ -1,0 +1,35 @@
+# The GPU runs issue #4 still owes (README, "Still owed"), as lanes for lease.sh. A lease of 30
+# device minutes holds about 20 minutes of runs: pick the lanes that fit, in this order, and
+# delete the others from a copy. GLUE and SQuAD need the MiniLM bundle
+# (`python -m benchmarks.offline_bundle pack --models minilm --data glue,squad-v2-cs224n`,
+# 4 parts); the LM lane needs SmolLM2's as well (`--models smollm2 --data wikitext-2`).
+# shellcheck shell=bash disable=SC2034
+FULL=(--size full --device cuda --data-dir "$DATA" --out-dir "$RESULTS/compare-full" --no-plot)
+NOT_SVD=full-adamw,lora-sgd,lora-adamw,loraplus,precond-sgd,precond-adamw,lora-pro,lorsum-x1-nomom,lorsum-x1,lorsum-x2,lorsum-x8,scaled-kfac,scaled-shampoo
+
+# SVDLoRA alone on the GPU is 3 to 7 times faster than beside other runs: run it in a lease of
+# its own, or last. STS-B's rate below 0.003, then the seeds of CoLA and STS-B.
+lane_svdlora() {
+  chain glue-svdlora-stsb3 -- --task glue "${FULL[@]}" --variants stsb --methods svdlora \
+    --jobs 2 --lr-from "$RESULTS/compare-full/glue-svdlora-sweep2-summary.json"
+  compare --task glue "${FULL[@]}" --variants cola --methods svdlora --lr 0.03 --seeds 3 \
+    --jobs 2 --name glue-svdlora-cola-seeds
+}
+
+# SQuAD at 604 steps (4 epochs): each method's rate around its SST-2 rate (the centre is stored
+# from the probe), then 3 seeds. About 26 + 26 runs of 3 to 6 minutes with 16 sharing the GPU.
+lane_squad() {
+  chain squad-604 -- --task squad "${FULL[@]}" --steps 604 --methods "$NOT_SVD" --jobs 10 \
+    --lr-from "$RESULTS/compare/glue-summary.json:sst2"
+}
+
+# SST-2's full size with its own rates (2,105 steps, about 4 minutes a run with 14 sharing).
+lane_sst2() {
+  chain glue-sst2-own -- --task glue "${FULL[@]}" --variants sst2 --methods "$NOT_SVD" --jobs 8
+}
+
+# The LM full size's own rates around the quick size's (134 steps, about 5 minutes a run).
+lane_lm() {
+  chain lm-full-own -- --task lm "${FULL[@]}" --methods "$NOT_SVD" --jobs 8 \
+    --lr-from "$RESULTS/compare/lm-summary.json"
+}

@@ -1,0 +1,137 @@
+"""Sweep each method's rate until the choice lies inside the grid, then train the seeds there.
+
+The protocol of the tuned tables (README, "each task's own rates"), as one command::
+
+    python -m benchmarks.sweep_chain NAME [--around=-1,0,1] [--extensions 2] [--seeds 3] \\
+        -- COMPARE-ARGS...
+
+1. ``lorsum compare COMPARE-ARGS --lr-sweep-around=AROUND --seeds 1 --name NAME-s1``: seed 0 on
+   the half-decade grid around each method's rate (the task's, or ``--lr-from``'s);
+2. while some method's choice sits at an end of its sweep (at most ``--extensions`` times): the
+   grid is re-centred on the choices, ``--lr-sweep-around=-1,0,1 --lr-from NAME-s<k>-summary``;
+   only the new points train, since the others are stored;
+3. ``--lr-from`` the last sweep, ``--seeds S``: the seeds at the chosen rates, summary
+   ``NAME-tuned``.
+
+A method whose sweep scored the same at every rate (CoLA's majority-class ties, say) has no end
+to move towards and does not extend the sweep. Every summary stays in ``--out-dir``, so each
+stage can be rebuilt with ``--summarize-only``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks import _cli, compare
+
+__all__ = ["at_an_end", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.sweep_chain",
+        description="Sweep each method's learning rate (seed 0) until its best rate lies inside "
+        "the grid, then train the seeds at that rate: a chain of `lorsum compare` calls.",
+    )
+    parser.add_argument("name", help="summary names NAME-s1, NAME-s2, ..., NAME-tuned")
+    parser.add_argument(
+        "--around",
+        type=compare._half_decades,
+        default=[-1, 0, 1],
+        help="half-decade steps of the first sweep (default: -1,0,1)",
+    )
+    parser.add_argument(
+        "--extensions",
+        type=_cli.non_negative_int,
+        default=2,
+        help="re-centred sweeps at most, while a choice sits at an end (default: 2)",
+    )
+    parser.add_argument(
+        "--seeds", type=_cli.positive_int, default=3, help="seeds at the chosen rates (default: 3)"
+    )
+    parser.epilog = (
+        "After --: the `lorsum compare` arguments (task, variants, methods, --out-dir, ...)."
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        parser.error("give the `lorsum compare` arguments after --")
+    split = argv.index("--")
+    args, passed = parser.parse_args(argv[:split]), argv[split + 1 :]
+    for option in ("--lr", "--lr-sweep", "--lr-sweep-around", "--seeds", "--name"):
+        if any(a == option or a.startswith(option + "=") for a in passed):
+            parser.error(f"{option} is set by the chain; pass only the other compare arguments")
+    out_dir = compare.build_parser().parse_known_args(passed)[0].out_dir
+    rest = _without_lr_from(passed)
+
+    around = ",".join(str(step) for step in args.around)
+    stage = f"{args.name}-s1"
+    status = _compare([*passed, f"--lr-sweep-around={around}", "--seeds", "1", "--name", stage])
+    for k in range(2, args.extensions + 2):
+        if status != 0:
+            return status
+        ends = at_an_end(_summary(out_dir, stage))
+        print(f"sweep_chain: {stage}: at an end: {ends or 'none'}")
+        if not ends:
+            break
+        previous, stage = stage, f"{args.name}-s{k}"
+        status = _compare(
+            [*rest, "--lr-sweep-around=-1,0,1", "--lr-from", str(_path(out_dir, previous)),
+             "--seeds", "1", "--name", stage]
+        )  # fmt: skip
+    if status != 0:
+        return status
+    return _compare(
+        [*rest, "--lr-from", str(_path(out_dir, stage)), "--seeds", str(args.seeds),
+         "--name", f"{args.name}-tuned"]
+    )  # fmt: skip
+
+
+def at_an_end(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(variant, method)`` whose chosen rate is the smallest or largest of its sweep, unless
+    every rate of the sweep scored the same (no direction to move in)."""
+    ends = []
+    for variant, data in summary["variants"].items():
+        for method, entry in data["methods"].items():
+            sweep = entry["sweep"]
+            rates = [point["lr"] for point in sweep]
+            if len(sweep) < 2 or len({point["final_mean"] for point in sweep}) == 1:
+                continue
+            if entry["lr"] in (min(rates), max(rates)):
+                ends.append((variant, method))
+    return ends
+
+
+def _compare(argv: list[str]) -> int:
+    print("sweep_chain: lorsum compare " + " ".join(argv), flush=True)
+    return compare.main(argv)
+
+
+def _without_lr_from(argv: Sequence[str]) -> list[str]:
+    """``argv`` without its ``--lr-from FILE`` (or ``--lr-from=FILE``) options: the later stages
+    take their rates from the chain's own summaries."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--lr-from":
+            skip = True
+        elif not arg.startswith("--lr-from="):
+            out.append(arg)
+    return out
+
+
+def _path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}-summary.json"
+
+
+def _summary(out_dir: Path, name: str) -> dict[str, Any]:
+    return json.loads(_path(out_dir, name).read_text(encoding="utf-8"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
