@@ -6,8 +6,8 @@ when ``--steps`` departs from the task's budget) with its config and hash, the g
 versions, device, the per-step curves, final metrics, wall time and peak memory. A run whose file
 holds the same config hash is loaded instead of re-run (``--force`` re-runs), so an interrupted
 sweep loses no finished run; a file holding a run of another config is never replaced without
-``--force``. At the end: a summary table (mean ± std over
-seeds), ``<task>-summary.json`` and a PNG plot of the curves.
+``--force``. At the end: a summary table (mean ± std over seeds), ``<task>-summary.json`` and a
+PNG plot of the curves.
 
 With ``--lr-sweep`` every method runs every learning rate of the list, and the summary keeps,
 per method, the rate with the lowest mean final metric: the same budget and the same grid for
@@ -322,14 +322,21 @@ def load_run(path: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     a GPU machine and from ``../shared/data`` here are the same run (the record still says where
     they were read). A record made with any other setting is not this run's: None.
     """
+    record = _read_run(path)
+    if record is None:
+        return None
+    if _results.config_hash(_identity(record["config"])) != _results.config_hash(_identity(config)):
+        return None
+    return record
+
+
+def _read_run(path: Path) -> dict[str, Any] | None:
+    """The run record at ``path``, or None: no file, not JSON, or no config in it."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
-        stored = record["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return None
-    if not isinstance(stored, dict):
-        return None
-    if _results.config_hash(_identity(stored)) != _results.config_hash(_identity(config)):
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
         return None
     return record
 
@@ -342,13 +349,10 @@ def conflicting_run(path: Path, config: dict[str, Any]) -> str | None:
     """How the run stored at ``path`` differs from ``config`` (``"key: stored ..., planned
     ..."``), or None when there is no run there or it is this one (wherever its data were
     mounted)."""
-    try:
-        stored = json.loads(path.read_text(encoding="utf-8"))["config"]
-    except (OSError, ValueError, KeyError, TypeError):
+    record = _read_run(path)
+    if record is None:
         return None  # no file, or not a run record: nothing finished would be lost
-    if not isinstance(stored, dict):
-        return None
-    mine, theirs = _identity(config), _identity(stored)
+    mine, theirs = _identity(config), _identity(record["config"])
     differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     if not differ:
         return None
