@@ -25,7 +25,37 @@ def test_an_unknown_mode_prints_the_usage_and_fails():
     assert "usage:" in result.stderr
 
 
-def test_the_owed_lanes_define_lane_functions():
-    text = (LEASE / "lanes-owed.sh").read_text()
-    lanes = [line.split("(")[0] for line in text.splitlines() if line.startswith("lane_")]
-    assert lanes == ["lane_svdlora", "lane_squad", "lane_sst2", "lane_lm"]
+def _owed_commands() -> list[tuple[str, list[str]]]:
+    """Every ``compare`` and ``chain`` call of ``lanes-owed.sh``, recorded by stubs in bash."""
+    script = (
+        'compare() { printf "compare"; printf "\\x1f%s" "$@"; echo; }\n'
+        'chain() { printf "chain"; printf "\\x1f%s" "$@"; echo; }\n'
+        f'source "{LEASE / "lanes-owed.sh"}"\n'
+        'for lane in $(declare -F | grep -o "lane_[A-Za-z0-9_]*"); do "$lane"; done\n'
+    )
+    env = {"PATH": "/usr/bin:/bin", "RESULTS": "/results", "DATA": "/data"}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    calls = []
+    for line in result.stdout.splitlines():
+        kind, *argv = line.split("\x1f")
+        calls.append((kind, argv))
+    return calls
+
+
+def test_every_owed_lane_runs_known_tasks_variants_and_methods():
+    from benchmarks import compare
+    from benchmarks.tasks import TASKS
+
+    calls = _owed_commands()
+    assert calls, "lanes-owed.sh defines no lane that calls compare or chain"
+    for kind, argv in calls:
+        if kind == "chain":
+            assert "--" in argv, f"chain without `--` before the compare arguments: {argv}"
+            argv = argv[argv.index("--") + 1 :]
+        args = compare.build_parser().parse_args(argv)
+        task = TASKS[args.task]
+        for variant in args.variants or task.VARIANTS:
+            assert variant in task.VARIANTS, f"{args.task} has no variant {variant!r}"
+            unknown = set(args.methods or ()) - set(task.methods(variant))
+            assert not unknown, f"{args.task}/{variant} has no methods {sorted(unknown)}"

@@ -8,12 +8,14 @@ FULL=(--size full --device cuda --data-dir "$DATA" --out-dir "$RESULTS/compare-f
 NOT_SVD=full-adamw,lora-sgd,lora-adamw,loraplus,precond-sgd,precond-adamw,lora-pro,lorsum-x1-nomom,lorsum-x1,lorsum-x2,lorsum-x8,scaled-kfac,scaled-shampoo
 
 # SVDLoRA alone on the GPU is 3 to 7 times faster than beside other runs: run it in a lease of
-# its own, or last. STS-B's rate below 0.003, then the seeds of CoLA and STS-B.
+# its own, or last. STS-B's seeds at the rate its sweep chose (0.001), then SST-2's own rate: its
+# quick rate (0.1) collapses at the full size, so the sweep starts two half decades below it.
+# Alone on the H200 one SST-2 run took 647 s.
 lane_svdlora() {
-  chain glue-svdlora-stsb3 -- --task glue "${FULL[@]}" --variants stsb --methods svdlora \
-    --jobs 2 --lr-from "$RESULTS/compare-full/glue-svdlora-sweep2-summary.json"
-  compare --task glue "${FULL[@]}" --variants cola --methods svdlora --lr 0.03 --seeds 3 \
-    --jobs 2 --name glue-svdlora-cola-seeds
+  compare --task glue "${FULL[@]}" --variants stsb --methods svdlora --lr 0.001 --seeds 3 \
+    --jobs 2 --name glue-svdlora-stsb-seeds
+  chain glue-sst2-svdlora-own --around=-2,-1,0 -- --task glue "${FULL[@]}" --variants sst2 \
+    --methods svdlora --jobs 2
 }
 
 # SQuAD at 604 steps (4 epochs): each method's rate around its SST-2 rate (the centre is stored
@@ -21,11 +23,6 @@ lane_svdlora() {
 lane_squad() {
   chain squad-604 -- --task squad "${FULL[@]}" --steps 604 --methods "$NOT_SVD" --jobs 10 \
     --lr-from "$RESULTS/compare/glue-summary.json:sst2"
-}
-
-# SST-2's full size with its own rates (2,105 steps, about 4 minutes a run with 14 sharing).
-lane_sst2() {
-  chain glue-sst2-own -- --task glue "${FULL[@]}" --variants sst2 --methods "$NOT_SVD" --jobs 8
 }
 
 # The LM full size's own rates around the quick size's (134 steps, about 5 minutes a run).

@@ -379,8 +379,23 @@ def page_glue() -> str:
                 "compare-full/glue-lorapro-s2-summary.json", "LoRA-Pro's sweep (seed 0)", level=3
             ),
             summary_section(
-                "compare-full/glue-tuned3-summary.json",
-                "Seeds 0-2 at the swept rates (every method but SVDLoRA)",
+                "compare-full/glue-sst2-own-s1-summary.json",
+                "SST-2's own sweep, around its quick rates (seed 0)",
+                level=3,
+            ),
+            summary_section(
+                "compare-full/glue-sst2-own-s2-summary.json",
+                "SST-2's own sweep, re-centred on the first's choices (seed 0)",
+                level=3,
+            ),
+            summary_section(
+                "compare-full/glue-sst2-own-s3-summary.json",
+                "SST-2's own sweep, re-centred once more (seed 0)",
+                level=3,
+            ),
+            summary_section(
+                "compare-full/glue-tuned4-summary.json",
+                "Seeds 0-2 at the swept rates, all five tasks (every method but SVDLoRA)",
                 level=3,
             ),
             summary_section(
@@ -397,7 +412,15 @@ def page_glue() -> str:
                 level=3,
             ),
             summary_section(
+                "compare-full/glue-svdlora-stsb3-s2-summary.json",
+                "SVDLoRA, STS-B below 0.003 (seed 0)",
+                level=3,
+            ),
+            summary_section(
                 "compare-full/glue-svdlora-mrpc-seeds-summary.json", "SVDLoRA, MRPC seeds", level=3
+            ),
+            summary_section(
+                "compare-full/glue-svdlora-cola-seeds-summary.json", "SVDLoRA, CoLA seeds", level=3
             ),
             summary_section(
                 "compare-full/glue-svdlora-rte-seeds-summary.json", "SVDLoRA, RTE seeds", level=3
@@ -415,7 +438,7 @@ def page_glue() -> str:
             _figures(
                 [
                     ("compare-full/glue-sweep2-lr.png", "Full size: score against rate"),
-                    ("compare-full/glue-tuned3.png", "Full size, swept rates: mean of 3 seeds"),
+                    ("compare-full/glue-tuned4.png", "Full size, swept rates: mean of 3 seeds"),
                 ]
             ),
             "## Learning-rate sweeps on SST-2",
