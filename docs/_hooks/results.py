@@ -460,6 +460,21 @@ def page_glue() -> str:
             "## On the CPU",
             "",
             summary_section("compare-cpu/glue-sst2-cpu-summary.json", "SST-2 quick, CPU", level=3),
+            summary_section(
+                "compare-cpu/glue-stsb-cpu-lorsum-low2-summary.json",
+                "STS-B full, LoRSum's low rates, CPU (seed 0)",
+                level=3,
+            ),
+            summary_section(
+                "compare-cpu/glue-stsb-cpu-svdlora-low-summary.json",
+                "STS-B full, SVDLoRA at 0.001 and 0.003, CPU (seed 0)",
+                level=3,
+            ),
+            summary_section(
+                "compare-cpu/glue-stsb-cpu-svdlora-seeds-summary.json",
+                "STS-B full, SVDLoRA's seeds at 0.001, CPU",
+                level=3,
+            ),
         ]
     )
 
