@@ -1,8 +1,9 @@
 # The GPU runs issue #4 still owes (README, "Still owed"), as lanes for lease.sh. A lease of 30
 # device minutes holds about 20 minutes of runs: pick the lanes that fit, in this order, and
 # delete the others from a copy. GLUE and SQuAD need the MiniLM bundle
-# (`python -m benchmarks.offline_bundle pack --models minilm --data glue,squad-v2-cs224n`,
-# 4 parts); the LM lane needs SmolLM2's as well (`--models smollm2 --data wikitext-2`).
+# (`python -m benchmarks.offline_bundle pack --models minilm --data glue,squad-v2-cs224n`);
+# the LM lane needs SmolLM2's as well (the default `pack` carries both: 8 parts at
+# `--part-mb 30`, the size that fits beside the 34 MB of tracked files of 2026-12-07).
 # shellcheck shell=bash disable=SC2034
 FULL=(--size full --device cuda --data-dir "$DATA" --out-dir "$RESULTS/compare-full" --no-plot)
 NOT_SVD=full-adamw,lora-sgd,lora-adamw,loraplus,precond-sgd,precond-adamw,lora-pro,lorsum-x1-nomom,lorsum-x1,lorsum-x2,lorsum-x8,scaled-kfac,scaled-shampoo

@@ -475,6 +475,16 @@ def page_glue() -> str:
                 "STS-B full, SVDLoRA's seeds at 0.001, CPU",
                 level=3,
             ),
+            summary_section(
+                "compare-cpu/glue-sst2-cpu-svdlora-s2-summary.json",
+                "SST-2 full, SVDLoRA's sweep, CPU (seed 0)",
+                level=3,
+            ),
+            summary_section(
+                "compare-cpu/glue-sst2-cpu-svdlora-tuned-summary.json",
+                "SST-2 full, SVDLoRA's seeds at its swept rate, CPU",
+                level=3,
+            ),
         ]
     )
 
