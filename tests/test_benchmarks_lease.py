@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -33,7 +34,7 @@ def _owed_commands() -> list[tuple[str, list[str]]]:
         f'source "{LEASE / "lanes-owed.sh"}"\n'
         'for lane in $(declare -F | grep -o "lane_[A-Za-z0-9_]*"); do "$lane"; done\n'
     )
-    env = {"PATH": "/usr/bin:/bin", "RESULTS": "/results", "DATA": "/data"}
+    env = {**os.environ, "RESULTS": "/results", "DATA": "/data"}
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr
     calls = []
