@@ -8,10 +8,16 @@ The protocol of the tuned tables (README, "each task's own rates"), as one comma
 1. ``lorsum compare COMPARE-ARGS --lr-sweep-around=AROUND --seeds 1 --name NAME-s1``: seed 0 on
    the half-decade grid around each method's rate (the task's, or ``--lr-from``'s);
 2. while some method's choice sits at an end of its sweep (at most ``--extensions`` times): the
-   grid is re-centred on the choices, ``--lr-sweep-around=-1,0,1 --lr-from NAME-s<k>-summary``;
-   only the new points train, since the others are stored;
-3. ``--lr-from`` the last sweep, ``--seeds S``: the seeds at the chosen rates, summary
-   ``NAME-tuned``.
+   grid is re-centred on the choices of those methods only, ``--lr-sweep-around=-1,0,1
+   --lr-from NAME-s<k>-summary --methods ...``; only the new points train, since the others are
+   stored;
+3. ``--lr-from`` every sweep (a later one wins), ``--seeds S``: the seeds at the chosen rates,
+   summary ``NAME-tuned``.
+
+With ``--jobs`` above 1, the seeds of the methods the first sweep settled do not wait for the
+extensions: they train beside them in a second ``lorsum compare`` (summary ``NAME-s1-seeds``),
+and the two share the ``--jobs`` processes in proportion to their runs, so that a GPU lease is not
+spent on a few extension runs alone. The last stage then trains only what is left.
 
 A method whose sweep scored the same at every rate (CoLA's majority-class ties, say) has no end
 to move towards and does not extend the sweep. Every summary stays in ``--out-dir``, so each
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,30 +73,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     for option in ("--lr", "--lr-sweep", "--lr-sweep-around", "--seeds", "--name"):
         if any(a == option or a.startswith(option + "=") for a in passed):
             parser.error(f"{option} is set by the chain; pass only the other compare arguments")
-    out_dir = compare.build_parser().parse_known_args(passed)[0].out_dir
-    rest = _without_lr_from(passed)
+    options = compare.build_parser().parse_known_args(passed)[0]
+    out_dir, jobs = options.out_dir, options.jobs
+    rest = _without(passed, "--lr-from")
 
     around = ",".join(str(step) for step in args.around)
     stage = f"{args.name}-s1"
     status = _compare([*passed, f"--lr-sweep-around={around}", "--seeds", "1", "--name", stage])
+    sweeps, early = [stage], None
     for k in range(2, args.extensions + 2):
         if status != 0:
-            return status
-        ends = at_an_end(_summary(out_dir, stage))
-        print(f"sweep_chain: {stage}: at an end: {ends or 'none'}")
+            break
+        summary = _summary(out_dir, stage)
+        ends = at_an_end(summary)
+        print(f"sweep_chain: {stage}: at an end: {ends or 'none'}", flush=True)
         if not ends:
             break
+        end_variants = list(dict.fromkeys(variant for variant, _ in ends))
+        end_methods = list(dict.fromkeys(method for _, method in ends))
+        extension_jobs = jobs
+        if k == 2 and args.seeds > 1 and jobs > 1:
+            settled = [m for m in _methods(summary) if m not in end_methods]
+            if settled:
+                seed_runs = (args.seeds - 1) * len(settled) * len(summary["variants"])
+                share = round(jobs * len(ends) / (len(ends) + seed_runs))
+                extension_jobs = max(1, min(jobs - 1, share))
+                seeds_of_settled = {"--methods": ",".join(settled), "--jobs": jobs - extension_jobs}
+                early = _launch(
+                    [*_set(rest, seeds_of_settled), "--lr-from", str(_path(out_dir, stage)),
+                     "--seeds", str(args.seeds), "--name", f"{stage}-seeds"]
+                )  # fmt: skip
         previous, stage = stage, f"{args.name}-s{k}"
+        only_the_ends = {
+            "--methods": ",".join(end_methods),
+            "--variants": ",".join(end_variants),
+            "--jobs": extension_jobs,
+        }
         status = _compare(
-            [*rest, "--lr-sweep-around=-1,0,1", "--lr-from", str(_path(out_dir, previous)),
-             "--seeds", "1", "--name", stage]
+            [*_set(rest, only_the_ends), "--lr-sweep-around=-1,0,1",
+             "--lr-from", str(_path(out_dir, previous)), "--seeds", "1", "--name", stage]
         )  # fmt: skip
+        sweeps.append(stage)
+    if early is not None:
+        early_status = early.wait()
+        status = status or early_status
     if status != 0:
         return status
-    return _compare(
-        [*rest, "--lr-from", str(_path(out_dir, stage)), "--seeds", str(args.seeds),
-         "--name", f"{args.name}-tuned"]
-    )  # fmt: skip
+    sources = [option for sweep in sweeps for option in ("--lr-from", str(_path(out_dir, sweep)))]
+    return _compare([*rest, *sources, "--seeds", str(args.seeds), "--name", f"{args.name}-tuned"])
 
 
 def at_an_end(summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -111,18 +143,40 @@ def _compare(argv: list[str]) -> int:
     return compare.main(argv)
 
 
-def _without_lr_from(argv: Sequence[str]) -> list[str]:
-    """``argv`` without its ``--lr-from FILE`` (or ``--lr-from=FILE``) options: the later stages
-    take their rates from the chain's own summaries."""
+def _launch(argv: list[str]) -> subprocess.Popen[bytes]:
+    """``lorsum compare argv`` in a process of its own, running beside the chain (``.wait()``)."""
+    print("sweep_chain: beside it, lorsum compare " + " ".join(argv), flush=True)
+    # The harness is imported from its checkout (as `lorsum` does), wherever the chain runs from.
+    root = str(Path(compare.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    return subprocess.Popen([sys.executable, "-m", "benchmarks.compare", *argv], env=env)
+
+
+def _methods(summary: dict[str, Any]) -> list[str]:
+    """Every method of ``summary``, in its order, once."""
+    return list(dict.fromkeys(m for data in summary["variants"].values() for m in data["methods"]))
+
+
+def _without(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without its ``option VALUE`` (or ``option=VALUE``) occurrences."""
     out, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--lr-from":
+        elif arg == option:
             skip = True
-        elif not arg.startswith("--lr-from="):
+        elif not arg.startswith(option + "="):
             out.append(arg)
     return out
+
+
+def _set(argv: Sequence[str], values: dict[str, object]) -> list[str]:
+    """``argv`` with each option of ``values`` given that value, in place of any it had."""
+    out = list(argv)
+    for option in values:
+        out = _without(out, option)
+    return [*out, *(str(part) for option, value in values.items() for part in (option, value))]
 
 
 def _path(out_dir: Path, name: str) -> Path:

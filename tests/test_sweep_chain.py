@@ -39,7 +39,8 @@ def test_an_end_is_the_smallest_or_largest_rate_unless_the_sweep_is_flat():
 
 
 class _FakeCompare:
-    """Records each stage's arguments and writes the summary it names, choosing from a script."""
+    """Records each stage's arguments and writes the summary it names, choosing from a script:
+    one ``(chosen, points)`` for method "m", or a dict ``method -> (chosen, points)``."""
 
     def __init__(self, out_dir, choices):
         self.out_dir, self.choices, self.calls = out_dir, list(choices), []
@@ -47,10 +48,30 @@ class _FakeCompare:
     def __call__(self, argv):
         self.calls.append(argv)
         name = argv[argv.index("--name") + 1]
-        chosen, points = self.choices.pop(0)
-        summary = _summary({"m": (chosen, points)})
+        entries = self.choices.pop(0)
+        summary = _summary(entries if isinstance(entries, dict) else {"m": entries})
         (self.out_dir / f"{name}-summary.json").write_text(json.dumps(summary))
         return 0
+
+
+class _FakeLaunch:
+    """Records the arguments of each compare started beside the chain; each exits ``status``."""
+
+    def __init__(self, status=0):
+        self.status, self.calls, self.waited = status, [], 0
+
+    def __call__(self, argv):
+        self.calls.append(argv)
+        return self
+
+    def wait(self):
+        self.waited += 1
+        return self.status
+
+
+def _value(argv, option):
+    """The value of the last ``option VALUE`` in ``argv``."""
+    return argv[len(argv) - 1 - argv[::-1].index(option) + 1]
 
 
 def test_the_chain_re_centres_while_at_an_end_then_trains_the_seeds(tmp_path, monkeypatch):
@@ -64,19 +85,82 @@ def test_the_chain_re_centres_while_at_an_end_then_trains_the_seeds(tmp_path, mo
         ],
     )
     monkeypatch.setattr(sweep_chain, "_compare", fake)
+    monkeypatch.setattr(sweep_chain, "_launch", _FakeLaunch())
     given = ["--task", "glue", "--out-dir", str(tmp_path), "--lr-from", "first.json"]
     assert sweep_chain.main(["run", "--around=-2,-1,0", "--seeds", "4", "--", *given]) == 0
 
     names = [call[call.index("--name") + 1] for call in fake.calls]
     assert names == ["run-s1", "run-s2", "run-s3", "run-tuned"]
-    first, *later = fake.calls
+    first, *extensions, tuned = fake.calls
     assert "--lr-sweep-around=-2,-1,0" in first
     assert first[first.index("--lr-from") + 1] == "first.json"  # the user's rates start it
-    for call, source in zip(later, ["run-s1", "run-s2", "run-s3"], strict=True):
-        assert call.count("--lr-from") == 1  # later stages read only the chain's own summary
+    for call, source in zip(extensions, ["run-s1", "run-s2"], strict=True):
+        assert call.count("--lr-from") == 1  # later stages read only the chain's own summaries
         assert call[call.index("--lr-from") + 1] == str(tmp_path / f"{source}-summary.json")
-    assert "--lr-sweep-around=-1,0,1" in later[0]
-    assert later[-1][later[-1].index("--seeds") + 1] == "4"
+        assert "--lr-sweep-around=-1,0,1" in call
+        assert _value(call, "--methods") == "m"
+    sources = [tuned[i + 1] for i, arg in enumerate(tuned) if arg == "--lr-from"]
+    assert sources == [str(tmp_path / f"run-s{k}-summary.json") for k in (1, 2, 3)]  # later wins
+    assert _value(tuned, "--seeds") == "4"
+
+
+def test_the_settled_seeds_train_beside_the_extensions_sharing_the_jobs(tmp_path, monkeypatch):
+    inside = (0.03, {0.01: 0.1, 0.03: 0.9, 0.1: 0.2})
+    fake = _FakeCompare(
+        tmp_path,
+        [
+            {"a": inside, "b": inside, "c": inside, "end": (0.1, {0.01: 0.1, 0.03: 0.2, 0.1: 0.3})},
+            {"end": (0.1, {0.03: 0.2, 0.1: 0.3, 0.3: 0.1})},  # s2: inside now
+            {"a": inside, "b": inside, "c": inside, "end": (0.1, {0.1: 0.3})},  # the seeds
+        ],
+    )
+    launch = _FakeLaunch()
+    monkeypatch.setattr(sweep_chain, "_compare", fake)
+    monkeypatch.setattr(sweep_chain, "_launch", launch)
+    given = ["--task", "lm", "--methods", "a,b,c,end", "--jobs", "7", "--out-dir", str(tmp_path)]
+    assert sweep_chain.main(["run", "--", *given]) == 0
+
+    (beside,) = launch.calls
+    assert launch.waited == 1  # the last stage waits for it
+    assert _value(beside, "--methods") == "a,b,c"
+    assert _value(beside, "--lr-from") == str(tmp_path / "run-s1-summary.json")
+    assert _value(beside, "--seeds") == "3"
+    extension = fake.calls[1]
+    assert _value(extension, "--methods") == "end"
+    # 1 extension run against 3 × 2 new seed runs: 1 of the 7 processes, the seeds take 6.
+    assert (_value(extension, "--jobs"), _value(beside, "--jobs")) == ("1", "6")
+    assert beside.count("--jobs") == extension.count("--jobs") == 1
+    tuned = fake.calls[-1]
+    assert (_value(tuned, "--methods"), _value(tuned, "--jobs")) == ("a,b,c,end", "7")
+
+
+def test_one_job_keeps_the_stages_in_turn(tmp_path, monkeypatch):
+    inside = (0.03, {0.01: 0.1, 0.03: 0.9, 0.1: 0.2})
+    at_top = (0.1, {0.01: 0.1, 0.03: 0.2, 0.1: 0.3})
+    fake = _FakeCompare(tmp_path, [{"a": inside, "end": at_top}, {"end": inside}, {"a": inside}])
+    launch = _FakeLaunch()
+    monkeypatch.setattr(sweep_chain, "_compare", fake)
+    monkeypatch.setattr(sweep_chain, "_launch", launch)
+    assert sweep_chain.main(["run", "--", "--out-dir", str(tmp_path)]) == 0
+    assert launch.calls == []
+    assert len(fake.calls) == 3
+
+
+def test_a_failed_compare_beside_the_chain_fails_it(tmp_path, monkeypatch):
+    inside = (0.03, {0.01: 0.1, 0.03: 0.9, 0.1: 0.2})
+    at_top = (0.1, {0.01: 0.1, 0.03: 0.2, 0.1: 0.3})
+    fake = _FakeCompare(tmp_path, [{"a": inside, "end": at_top}, {"end": inside}])
+    monkeypatch.setattr(sweep_chain, "_compare", fake)
+    monkeypatch.setattr(sweep_chain, "_launch", _FakeLaunch(status=3))
+    assert sweep_chain.main(["run", "--", "--jobs", "4", "--out-dir", str(tmp_path)]) == 3
+    assert len(fake.calls) == 2  # no seeds stage after a failure
+
+
+def test_setting_an_option_replaces_each_of_its_forms():
+    argv = ["--jobs", "8", "--methods=a,b", "--task", "lm", "--methods", "c"]
+    assert sweep_chain._set(argv, {"--methods": "x", "--jobs": 2}) == [
+        "--task", "lm", "--methods", "x", "--jobs", "2"
+    ]  # fmt: skip
 
 
 def test_the_extensions_are_bounded(tmp_path, monkeypatch):
@@ -114,8 +198,17 @@ def test_a_real_chain_on_the_synthetic_task(tmp_path):
             "--out-dir", str(tmp_path)]  # fmt: skip
     assert sweep_chain.main(argv) == 0
     tuned = json.loads((tmp_path / "syn-tuned-summary.json").read_text())
+    assert not (tmp_path / "syn-s1-seeds-summary.json").exists()  # one job: nothing beside
     entry = tuned["variants"]["deterministic"]["methods"]["lora-sgd"]
     assert entry["seeds"] == [0, 1]
     last = sorted(tmp_path.glob("syn-s*-summary.json"))[-1]
     chosen = json.loads(last.read_text())["variants"]["deterministic"]["methods"]["lora-sgd"]
     assert entry["lr"] == chosen["lr"]
+
+
+def test_a_compare_beside_the_chain_runs_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # benchmarks/ is not importable from here by itself
+    argv = ["--task", "synthetic", "--variants", "deterministic", "--methods", "lora-sgd",
+            "--steps", "2", "--no-plot", "--out-dir", "out", "--name", "beside"]  # fmt: skip
+    assert sweep_chain._launch(argv).wait() == 0
+    assert (tmp_path / "out" / "beside-summary.json").exists()
