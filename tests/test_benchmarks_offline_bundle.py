@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ def sources(tmp_path, monkeypatch):
     (gguf_package / "__pycache__").mkdir(parents=True)
     (gguf_package / "__init__.py").write_text("")
     (gguf_package / "__pycache__" / "x.pyc").write_bytes(b"stale")
+    gguf_info = tmp_path / "pkg" / "gguf-0.19.0.dist-info"
+    gguf_info.mkdir()
+    (gguf_info / "METADATA").write_text("Name: gguf\nVersion: 0.19.0\n")
     data = tmp_path / "data"
     for name in offline_bundle.DEFAULT_DATA:
         (data / name).mkdir(parents=True)
@@ -28,7 +32,7 @@ def sources(tmp_path, monkeypatch):
     (data / "SHA256SUMS").write_text("sums\n")
     monkeypatch.setattr(pretrained, "minilm_dir", lambda: minilm)
     monkeypatch.setattr(pretrained, "smollm2_file", lambda: gguf_file)
-    monkeypatch.setattr(offline_bundle, "_gguf_package", lambda: gguf_package)
+    monkeypatch.setattr(offline_bundle, "_gguf_site", lambda: [gguf_package, gguf_info])
     return data
 
 
@@ -48,6 +52,7 @@ def test_parts_are_bounded_and_unpack_to_the_models_data_and_gguf(tmp_path, sour
     assert tree["data/wikitext-2/part.txt"] == b"wikitext-2" * 100
     assert tree["data/SHA256SUMS"] == b"sums\n"
     assert "site/gguf/__init__.py" in tree
+    assert tree["site/gguf-0.19.0.dist-info/METADATA"].startswith(b"Name: gguf")
     assert not any("__pycache__" in name for name in tree)
 
 
@@ -79,3 +84,11 @@ def test_a_glue_only_bundle_carries_minilm_and_glue_alone(tmp_path, sources, cap
     assert {name.split("/")[1] for name in tree} == {"minilm", "glue", "SHA256SUMS"}
     assert offline_bundle.main([*argv, "--models", "minilm,bert"]) == 2
     assert "Invalid models ['minilm', 'bert']" in capsys.readouterr().err
+
+
+def test_the_installed_gguf_travels_with_its_metadata():
+    pytest.importorskip("gguf")
+    package, info = offline_bundle._gguf_site()
+    assert (package / "__init__.py").is_file()
+    assert (info / "METADATA").is_file()  # transformers reads gguf's version from it
+    assert info.name == f"gguf-{importlib.metadata.version('gguf')}.dist-info"

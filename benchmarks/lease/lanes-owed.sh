@@ -1,12 +1,24 @@
 # The GPU runs issue #4 still owes (README, "Still owed"), as lanes for lease.sh. A lease of 30
-# device minutes holds about 20 minutes of runs: pick the lanes that fit, in this order, and
-# delete the others from a copy. GLUE and SQuAD need the MiniLM bundle
+# device minutes holds about 20 minutes of runs: pick the lanes that fit, in this order (the LM
+# lane first: issue #4 names the LM full size), and delete the others from a copy. GLUE and
+# SQuAD need the MiniLM bundle
 # (`python -m benchmarks.offline_bundle pack --models minilm --data glue,squad-v2-cs224n`);
-# the LM lane needs SmolLM2's as well (the default `pack` carries both: 8 parts at
-# `--part-mb 30`, the size that fits beside the 34 MB of tracked files of 2026-12-07).
+# the LM lane needs SmolLM2's and gguf's as well (the default `pack` carries them all: 8 parts
+# at `--part-mb 30`, the size that fits beside the 34 MB of tracked files of 2026-12-07; a bundle
+# packed before 2026-12-07 13:20 lacks gguf's dist-info, without which transformers 5.17 cannot
+# load the GGUF: pack it again).
 # shellcheck shell=bash disable=SC2034
 FULL=(--size full --device cuda --data-dir "$DATA" --out-dir "$RESULTS/compare-full" --no-plot)
 NOT_SVD=full-adamw,lora-sgd,lora-adamw,loraplus,precond-sgd,precond-adamw,lora-pro,lorsum-x1-nomom,lorsum-x1,lorsum-x2,lorsum-x8,scaled-kfac,scaled-shampoo
+
+# The LM full size's own rates around the quick size's, then 3 seeds. Its first round ran on
+# 2026-12-07 but for ScaledLoRSum's four runs; the chain skips the stored runs and goes on. A run
+# holds about 10 GB of the GPU (full fine-tuning 12.3 GB): 7 at once fit an H100's 80 GB, 12 an
+# H200's 141 GB; each takes about 43 s of the GPU, so 7 finish every 4 to 5 minutes.
+lane_lm() {
+  chain lm-full-own -- --task lm "${FULL[@]}" --methods "$NOT_SVD" --jobs 7 \
+    --lr-from "$RESULTS/compare/lm-summary.json"
+}
 
 # SVDLoRA alone on the GPU is 3 to 7 times faster than beside other runs: run it in a lease of
 # its own, or last. STS-B's seeds at the rate its sweep chose (0.001), then SST-2's own rate: its
@@ -24,10 +36,4 @@ lane_svdlora() {
 lane_squad() {
   chain squad-604 -- --task squad "${FULL[@]}" --steps 604 --methods "$NOT_SVD" --jobs 10 \
     --lr-from "$RESULTS/compare/glue-summary.json:sst2"
-}
-
-# The LM full size's own rates around the quick size's (134 steps, about 5 minutes a run).
-lane_lm() {
-  chain lm-full-own -- --task lm "${FULL[@]}" --methods "$NOT_SVD" --jobs 8 \
-    --lr-from "$RESULTS/compare/lm-summary.json"
 }

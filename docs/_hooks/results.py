@@ -505,6 +505,12 @@ def page_lm() -> str:
             summary_section(
                 "compare-full/lm-lora-sgd-sweep-summary.json", "Full size, LoRA-SGD's rates"
             ),
+            summary_section(
+                "compare-full/lm-full-own-s1-summary.json",
+                "Full size, its own sweep (seed 0, three half decades around the quick rates; "
+                "ScaledLoRSum's runs still owed)",
+            ),
+            _figure("compare-full/lm-full-own-s1-lr.png", "Full size: perplexity against rate"),
             summary_section("compare-lr-sweep/lm-summary.json", "Quick-size learning-rate sweep"),
             summary_section(
                 "compare-lr-sweep/lm-scaled-shampoo-summary.json",
