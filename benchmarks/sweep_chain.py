@@ -37,7 +37,7 @@ from typing import Any
 
 from benchmarks import _cli, compare
 
-__all__ = ["at_an_end", "main"]
+__all__ = ["at_an_end", "jobs_for_the_extension", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,17 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         end_variants = list(dict.fromkeys(variant for variant, _ in ends))
         end_methods = list(dict.fromkeys(method for _, method in ends))
         extension_jobs = jobs
-        if k == 2 and args.seeds > 1 and jobs > 1:
-            settled = [m for m in _methods(summary) if m not in end_methods]
-            if settled:
-                seed_runs = (args.seeds - 1) * len(settled) * len(summary["variants"])
-                share = round(jobs * len(ends) / (len(ends) + seed_runs))
-                extension_jobs = max(1, min(jobs - 1, share))
-                seeds_of_settled = {"--methods": ",".join(settled), "--jobs": jobs - extension_jobs}
-                early = _launch(
-                    [*_set(rest, seeds_of_settled), "--lr-from", str(_path(out_dir, stage)),
-                     "--seeds", str(args.seeds), "--name", f"{stage}-seeds"]
-                )  # fmt: skip
+        settled = [m for m in _methods(summary) if m not in end_methods]
+        if k == 2 and args.seeds > 1 and jobs > 1 and settled:
+            seed_runs = (args.seeds - 1) * len(settled) * len(summary["variants"])
+            extension_jobs = jobs_for_the_extension(jobs, len(ends), seed_runs)
+            seeds_of_settled = {"--methods": ",".join(settled), "--jobs": jobs - extension_jobs}
+            early = _launch(
+                [*_set(rest, seeds_of_settled), "--lr-from", str(_path(out_dir, stage)),
+                 "--seeds", str(args.seeds), "--name", f"{stage}-seeds"]
+            )  # fmt: skip
         previous, stage = stage, f"{args.name}-s{k}"
         only_the_ends = {
             "--methods": ",".join(end_methods),
@@ -121,6 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return status
     sources = [option for sweep in sweeps for option in ("--lr-from", str(_path(out_dir, sweep)))]
     return _compare([*rest, *sources, "--seeds", str(args.seeds), "--name", f"{args.name}-tuned"])
+
+
+def jobs_for_the_extension(jobs: int, extension_runs: int, seed_runs: int) -> int:
+    """The processes of ``jobs`` that a re-centred sweep of ``extension_runs`` new runs takes
+    while ``seed_runs`` seed runs train beside it: in proportion to the runs, at least one each."""
+    share = round(jobs * extension_runs / (extension_runs + seed_runs))
+    return max(1, min(jobs - 1, share))
 
 
 def at_an_end(summary: dict[str, Any]) -> list[tuple[str, str]]:

@@ -134,6 +134,16 @@ def test_the_settled_seeds_train_beside_the_extensions_sharing_the_jobs(tmp_path
     assert (_value(tuned, "--methods"), _value(tuned, "--jobs")) == ("a,b,c,end", "7")
 
 
+@pytest.mark.parametrize(
+    ("jobs", "extension_runs", "seed_runs", "expected"),
+    [(7, 1, 6, 1), (7, 9, 4, 5), (7, 12, 0, 6), (2, 1, 100, 1), (2, 100, 1, 1), (12, 5, 7, 5)],
+)
+def test_the_extension_takes_its_share_of_the_jobs_and_leaves_one(
+    jobs, extension_runs, seed_runs, expected
+):
+    assert sweep_chain.jobs_for_the_extension(jobs, extension_runs, seed_runs) == expected
+
+
 def test_one_job_keeps_the_stages_in_turn(tmp_path, monkeypatch):
     inside = (0.03, {0.01: 0.1, 0.03: 0.9, 0.1: 0.2})
     at_top = (0.1, {0.01: 0.1, 0.03: 0.2, 0.1: 0.3})
