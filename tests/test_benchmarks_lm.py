@@ -3,8 +3,8 @@
 Covers: training blocks (every token once per epoch), evaluation windows (every token predicted
 once, except each window's first), the perplexity of a uniform model (the vocabulary size), short
 runs of three methods with a tiny Llama and a word-level tokenizer on fake WikiText files,
-determinism, divergence, errors; and, behind ``slow``, one step of the real SmolLM2-135M. Nothing
-needs the network or the real dataset.
+determinism, divergence, the pretrained perplexity scored once per process, errors; and, behind
+``slow``, one step of the real SmolLM2-135M. Nothing needs the network or the real dataset.
 """
 
 from __future__ import annotations
@@ -70,6 +70,12 @@ def build_tiny_llama(vocab_size: int = len(WORDS)) -> nn.Module:
 @pytest.fixture(scope="module")
 def tiny_llama() -> nn.Module:
     return build_tiny_llama()
+
+
+@pytest.fixture(autouse=True)
+def no_remembered_perplexity(monkeypatch):
+    """Each test starts with no pretrained perplexity remembered from another."""
+    monkeypatch.setattr(lm, "_INITIAL_PERPLEXITY", {})
 
 
 @pytest.fixture
@@ -223,6 +229,45 @@ def test_a_diverged_run_stops_and_ranks_last(tmp_path, loaded):
     assert curve[-1] == math.inf
     assert result["final"]["test_perplexity"] == math.inf
     assert result["final"]["train_tokens"] < 4 * lm.SIZES["quick"].batch * lm.SIZES["quick"].seq_len
+
+
+def test_the_pretrained_perplexity_is_scored_once_and_is_the_same(tmp_path, loaded, monkeypatch):
+    data = _fake_wikitext(tmp_path)
+    scored = []
+    original = lm.perplexity
+    monkeypatch.setattr(lm, "perplexity", lambda *a: scored.append(1) or original(*a))
+    evaluations = lm.SIZES["quick"].evaluations
+    first = lm.train(VARIANT, "lora-adamw", 1e-3, 0, steps=2, data_dir=data)
+    assert len(scored) == evaluations + 1
+    second = lm.train(VARIANT, "lorsum-x1", 0.05, 1, steps=2, data_dir=data)  # other A, same start
+    assert len(scored) == 2 * evaluations + 1  # its step 0 was remembered
+    start = first["curves"]["test_perplexity"][0]
+    assert second["curves"]["test_perplexity"][0] == start
+    monkeypatch.setattr(lm, "_INITIAL_PERPLEXITY", {})
+    again = lm.train(VARIANT, "lorsum-x1", 0.05, 1, steps=2, data_dir=data)
+    assert again == second  # remembering changes no number
+    lm.train(VARIANT, "full-adamw", 1e-4, 0, steps=2, data_dir=data)
+    assert len(scored) == 4 * evaluations + 3  # again scored step 0 anew, and so did full-adamw
+    # (other parameter names, so a key of its own)
+
+
+def test_a_start_that_is_not_the_pretrained_model_is_scored(tmp_path, loaded, tiny_llama):
+    data = _fake_wikitext(tmp_path)
+    ids = lm.token_ids(data / "wikitext-2" / "test.txt", _tiny_tokenizer())[:512]
+    model = lm._finetune.prepare(copy.deepcopy(tiny_llama), "lora-adamw", lm.TARGETS, lm.RANK)
+    start = lm.initial_perplexity(model, ids, 64, 2)
+    assert start == lm.perplexity(model, ids, 64, 2)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(0.5)
+    moved = lm.initial_perplexity(model, ids, 64, 2)  # B is not zero: not the pretrained model
+    assert moved != start
+    assert moved == lm.perplexity(model, ids, 64, 2)
+    other = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2.0)  # other weights under the same names: a key of its own
+    other = lm._finetune.prepare(other, "lora-adamw", lm.TARGETS, lm.RANK)
+    assert lm.initial_perplexity(other, ids, 64, 2) == lm.perplexity(other, ids, 64, 2) != start
+    assert len(lm._INITIAL_PERPLEXITY) == 2  # the adapted start and the other weights
 
 
 def test_missing_data_and_bad_names_are_clear_errors(tmp_path, monkeypatch):

@@ -101,6 +101,10 @@ _LEARNING_RATES = {
 # (resolved path, tokenizer vocabulary size) -> the file's token ids (CPU, int64). The harness
 # trains many runs in one process; each file is tokenised once.
 _TOKEN_CACHE: dict[tuple[str, int], torch.Tensor] = {}
+# (weights, device, scored ids, window, batch) -> the perplexity before training. Every run of a
+# process starts from the same pretrained weights with B = 0, so it scores them once and saves
+# each later run one of its five evaluations of the whole test file (full size).
+_INITIAL_PERPLEXITY: dict[tuple[Any, ...], float] = {}
 
 
 def methods(variant: str) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -169,7 +173,8 @@ def train(
     points = evaluation_steps(steps, setting.evaluations)
     try:
         # several evaluation points fall on one step (step 0 too) only when steps < evaluations
-        perplexities = [perplexity(model, test, setting.seq_len, setting.batch)] * points.count(0)
+        start = initial_perplexity(model, test, setting.seq_len, setting.batch)
+        perplexities = [start] * points.count(0)
         losses: list[float] = []
         step = tokens = 0
         diverged = not math.isfinite(perplexities[0])
@@ -271,6 +276,28 @@ def negative_log_likelihood(
         total += float(nll)
         count += targets.numel()
     return total, count
+
+
+def initial_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch: int) -> float:
+    """``perplexity`` of a model about to train, remembered for later runs from the same weights.
+
+    The model is the same function as its weights without the adapters whenever every LoRA B is
+    zero (PEFT's start): A then multiplies nothing, so the key leaves A out and holds the sums of
+    every other tensor. A model whose B is not zero is scored, not remembered.
+    """
+    named = list(model.named_parameters())
+    if any("lora_B" in name and bool(p.detach().ne(0).any()) for name, p in named):
+        return perplexity(model, ids, seq_len, batch)
+    weights = tuple(
+        (name, tuple(p.shape), float(p.detach().sum(dtype=torch.float64)),
+         float(p.detach().abs().sum(dtype=torch.float64)))
+        for name, p in named
+        if "lora_A" not in name
+    )  # fmt: skip
+    key = (weights, str(ids.device), ids.numel(), int(ids.sum()), seq_len, batch)
+    if key not in _INITIAL_PERPLEXITY:
+        _INITIAL_PERPLEXITY[key] = perplexity(model, ids, seq_len, batch)
+    return _INITIAL_PERPLEXITY[key]
 
 
 def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, batch: int) -> float:
