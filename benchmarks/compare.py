@@ -23,6 +23,7 @@ import multiprocessing
 import os
 import statistics
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -410,23 +411,46 @@ def load_stored(runs: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any
 def _execute_in_processes(todo: list[dict[str, Any]], out_dir: Path, jobs: int) -> None:
     """Train ``todo`` in ``jobs`` worker processes (spawned: CUDA cannot be forked), each with
     its share of the CPU threads; every run is stored by its worker as soon as it ends, so a
-    failure or an interrupt keeps what was finished."""
+    failure or an interrupt keeps what was finished.
+
+    A run that raises is reported (its traceback by its worker) and the others go on: the pool
+    would otherwise be torn down with every sibling run in flight, a lease's minutes with them
+    (one run out of GPU memory, say). After the last one, the failures are one error.
+    """
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     work = [(config, str(out_dir)) for config in todo]
+    failures = []
     with (
         context.Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool,
         _Progress(len(todo), f"{len(todo)} runs in {jobs} processes", "run") as advance,
     ):
-        for _ in pool.imap_unordered(_train_and_store, work):
+        for failure in pool.imap_unordered(_train_and_store, work):
+            if failure is not None:
+                failures.append(failure)
             advance()
+    if failures:
+        raise _cli.UserError(
+            f"{len(failures)} of {len(todo)} runs failed, the others are stored; "
+            f"{'; '.join(failures)}"
+        )
 
 
-def _train_and_store(work: tuple[dict[str, Any], str]) -> str:
+def _train_and_store(work: tuple[dict[str, Any], str]) -> str | None:
+    """One run in a worker, stored; ``None``, or what went wrong as one line."""
     config, out_dir = work
     path = run_path(Path(out_dir), config)
-    _results.write_json_atomic(path, train_one(config, lambda: None))
-    return str(path)
+    try:
+        _results.write_json_atomic(path, train_one(config, lambda: None))
+        return None
+    except Exception as error:  # every failure, reported: see _execute_in_processes
+        traceback.print_exc()
+        failure = f"{path}: {type(error).__name__}: {error}"
+    # Out of the handler, the traceback's frames and their tensors are gone: what the run
+    # reserved on the GPU can go back to its siblings.
+    if config["device"] == "cuda":
+        torch.cuda.empty_cache()
+    return failure
 
 
 def train_one(config: dict[str, Any], advance: Callable[[], None]) -> dict[str, Any]:

@@ -321,3 +321,25 @@ def test_rates_are_ranked_on_the_seeds_they_share_not_on_one_lucky_seed():
         [record(0.3, 0, 3.0), record(0.1, 1, 5.0)],
     )
     assert apart["variants"]["deterministic"]["methods"]["lora-sgd"]["lr"] == 0.3
+
+
+def test_a_failed_run_in_a_worker_leaves_the_others_stored(tmp_path, monkeypatch, capsys):
+    from benchmarks import compare
+
+    good = {
+        "task": "synthetic",
+        "variant": "deterministic",
+        "method": "lora-sgd",
+        "optimizer": "sgd",
+        "hparams": {},
+        "steps": 3,
+        "device": "cpu",
+        "data_dir": None,
+    }
+    bad = {**good, "method": "no-such-method"}  # the task raises in the worker
+    todo = [{**bad, "lr": 0.01, "seed": 0}, *({**good, "lr": 0.01, "seed": s} for s in range(3))]
+    with pytest.raises(compare._cli.UserError, match="1 of 4 runs failed") as error:
+        compare._execute_in_processes(todo, tmp_path, 2)
+    assert "no-such-method" in str(error.value)
+    stored = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
+    assert [(p.parent.name, "seed" in p.name) for p in stored] == [("lora-sgd", True)] * 3
