@@ -14,8 +14,9 @@ NOT_SVD=full-adamw,lora-sgd,lora-adamw,loraplus,precond-sgd,precond-adamw,lora-p
 # The LM full size's own rates around the quick size's, then 3 seeds. Its first round ran on
 # 2026-12-07 but for ScaledLoRSum's four runs; the chain skips the stored runs and goes on. A run
 # holds about 10 GB of the GPU at its peak (full fine-tuning 12.3 GB): 7 at once had 79,423 of an
-# H100's 81,559 MiB in use, too close once two full fine-tuning seeds meet, so 6 (an H200 takes
-# 12). Each run takes about 43 s of the GPU, so 7 finished every 4 to 5 minutes.
+# H100's 81,559 MiB in use (logs/2026-12-07-h100-lease3-polls.txt), too close once two full
+# fine-tuning seeds meet, so 6 (an H200 takes 12). Each run takes about 43 s of the GPU, so 7
+# finished every 4 to 5 minutes.
 lane_lm() {
   chain lm-full-own -- --task lm "${FULL[@]}" --methods "$NOT_SVD" --jobs 6 \
     --lr-from "$RESULTS/compare/lm-summary.json"

@@ -24,8 +24,10 @@ collect() {
   mkdir -p "$OUT"
   (cd $RESULTS && find . -newer /tmp/lorsum-launched -type f -name '*.json' | sort > /tmp/new.txt &&
     tar czf "$OUT/runs.tgz" -T /tmp/new.txt && echo "$(wc -l < /tmp/new.txt) new results files")
+  # the GPU's use at each collect goes into the logs too, so that figures quoted from it are kept
+  echo "$(date +%T) $(nvidia-smi --query-gpu=name,utilization.gpu,memory.used,memory.total \
+    --format=csv,noheader)" | tee -a $LOGS/nvidia-smi.log
   tar czf "$OUT/logs.tgz" -C "$(dirname $LOGS)" "$(basename $LOGS)"
-  nvidia-smi --query-gpu=name,utilization.gpu,memory.used --format=csv,noheader
   for log in $LOGS/*.log; do
     echo "== $(basename "$log"): $(tr '\r' '\n' < "$log" | grep -v '^\s*$' | tail -1 | cut -c1-150)"
   done
