@@ -6,17 +6,19 @@
 # the LM lane needs SmolLM2's and gguf's as well (the default `pack` carries them all: 8 parts
 # at `--part-mb 30`, the size that fits beside the 34 MB of tracked files of 2026-12-07; a bundle
 # packed before 2026-12-07 13:20 lacks gguf's dist-info, without which transformers 5.17 cannot
-# load the GGUF: pack it again).
+# load the GGUF: pack it again). The LM lane alone needs only SmolLM2 and WikiText-2
+# (`pack --models smollm2 --data wikitext-2 --part-mb 31`: 4 parts, half the calls).
 # shellcheck shell=bash disable=SC2034
 FULL=(--size full --device cuda --data-dir "$DATA" --out-dir "$RESULTS/compare-full" --no-plot)
 NOT_SVD=full-adamw,lora-sgd,lora-adamw,loraplus,precond-sgd,precond-adamw,lora-pro,lorsum-x1-nomom,lorsum-x1,lorsum-x2,lorsum-x8,scaled-kfac,scaled-shampoo
 
-# The LM full size's own rates around the quick size's, then 3 seeds. Its first round ran on
-# 2026-12-07 but for ScaledLoRSum's four runs; the chain skips the stored runs and goes on. A run
+# The LM full size's own rates around the quick size's, then 3 seeds. Both rounds of the sweep
+# ran on 2026-12-07 and settled every method; the seeds of LoRA-Pro, LoRSum with 1 and 2 sweeps
+# and ScaledLoRSum-Shampoo (8 runs) are what is left: the chain skips the stored runs. A run
 # holds about 10 GB of the GPU at its peak (full fine-tuning 12.3 GB): 7 at once had 79,423 of an
 # H100's 81,559 MiB in use (logs/2026-12-07-h100-lease3-polls.txt), too close once two full
-# fine-tuning seeds meet, so 6 (an H200 takes 12). Each run takes about 43 s of the GPU, so 7
-# finished every 4 to 5 minutes.
+# fine-tuning seeds meet, so 6 (an H200 takes 12). Under MPS (lease.sh starts it) 31 runs of 6
+# at a time finished in the 18 minutes of the fourth lease (logs/2026-12-07-h100-lease4-*).
 lane_lm() {
   chain lm-full-own -- --task lm "${FULL[@]}" --methods "$NOT_SVD" --jobs 6 \
     --lr-from "$RESULTS/compare/lm-summary.json"

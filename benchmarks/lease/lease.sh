@@ -5,8 +5,8 @@
 #   stash DIR             copy the bundle parts carried in DIR (benchmarks.offline_bundle pack)
 #                         to /tmp/bundle: one call per part, as a call carries at most 64 MiB
 #   launch LANES SECONDS  unpack the bundle, copy the code and the stored results to /tmp, start
-#                         every lane_* function of the LANES file in a session of its own (so that
-#                         it outlives the call), then poll
+#                         the MPS daemon and every lane_* function of the LANES file in a session
+#                         of its own (so that it outlives the call), then poll
 #   poll SECONDS          wait until every lane has ended or SECONDS have passed, then collect
 #
 # collect writes $OUT/runs.tgz (the results files written since launch, relative to the results
@@ -51,6 +51,13 @@ launch)
   rm -rf $CODE/benchmarks/results
   (cd $CODE && python3 -m benchmarks.offline_bundle unpack $BUNDLE --to $UNPACKED) || exit 1
   rm -rf $RESULTS && cp -r benchmarks/results $RESULTS && mkdir -p $LOGS
+  # Under the MPS daemon (user space; no device setting changes) the lanes' processes run their
+  # kernels at once instead of taking turns: 6 processes training the LM task's adapters made
+  # 10.41 steps/s with it and 8.01 without (H100, results/throughput/2026-12-07-*). LORSUM_NO_MPS=1
+  # leaves it off.
+  if [ -z "${LORSUM_NO_MPS:-}" ] && command -v nvidia-cuda-mps-control > /dev/null; then
+    nvidia-cuda-mps-control -d 2>/dev/null && echo "MPS daemon started"
+  fi
   touch /tmp/lorsum-launched && sleep 1
   for lane in $(grep -o '^lane_[A-Za-z0-9_]*' "$lanes" | sort -u); do
     # bash -c's $0 is "lorsum-lane", so that poll finds the lanes by name.
