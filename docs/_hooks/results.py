@@ -506,11 +506,24 @@ def page_lm() -> str:
                 "compare-full/lm-lora-sgd-sweep-summary.json", "Full size, LoRA-SGD's rates"
             ),
             summary_section(
+                "compare-full/lm-full-own-tuned-summary.json",
+                "Full size, its own rates: 3 seeds (9 of 13 methods; the others' seeds owed)",
+            ),
+            _figure("compare-full/lm-full-own-tuned.png", "Full size, own rates: training curves"),
+            summary_section(
                 "compare-full/lm-full-own-s1-summary.json",
-                "Full size, its own sweep (seed 0, three half decades around the quick rates; "
-                "ScaledLoRSum's runs still owed)",
+                "Full size, its own sweep, first round (seed 0, three half decades around the "
+                "quick rates)",
             ),
             _figure("compare-full/lm-full-own-s1-lr.png", "Full size: perplexity against rate"),
+            summary_section(
+                "compare-full/lm-full-own-s2-summary.json",
+                "Full size, its own sweep, second round (seed 0, re-centred where the first "
+                "round's best was at an end)",
+            ),
+            _figure(
+                "compare-full/lm-full-own-s2-lr.png", "Full size, second round: perplexity vs rate"
+            ),
             summary_section("compare-lr-sweep/lm-summary.json", "Quick-size learning-rate sweep"),
             summary_section(
                 "compare-lr-sweep/lm-scaled-shampoo-summary.json",
