@@ -17,10 +17,12 @@ NOT_SVD=full-adamw,lora-sgd,lora-adamw,loraplus,precond-sgd,precond-adamw,lora-p
 # and ScaledLoRSum-Shampoo (8 runs) are what is left: the chain skips the stored runs. A run
 # holds about 10 GB of the GPU at its peak (full fine-tuning 12.3 GB): 7 at once had 79,423 of an
 # H100's 81,559 MiB in use (logs/2026-12-07-h100-lease3-polls.txt), too close once two full
-# fine-tuning seeds meet, so 6 (an H200 takes 12). Under MPS (lease.sh starts it) 31 runs of 6
-# at a time finished in the 18 minutes of the fourth lease (logs/2026-12-07-h100-lease4-*).
+# fine-tuning seeds meet. Under MPS (lease.sh starts it) 31 runs of 6 at a time finished in the
+# 18 minutes of the fourth lease (logs/2026-12-07-h100-lease4-*). With 8 runs left, 4 at a time
+# (two waves, about 45 GB) leave room for the SQuAD lane beside it (a SQuAD run allocates 1.8 to
+# 2.4 GB): run the two in one lease.
 lane_lm() {
-  chain lm-full-own -- --task lm "${FULL[@]}" --methods "$NOT_SVD" --jobs 6 \
+  chain lm-full-own -- --task lm "${FULL[@]}" --methods "$NOT_SVD" --jobs 4 \
     --lr-from "$RESULTS/compare/lm-summary.json"
 }
 
