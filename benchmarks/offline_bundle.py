@@ -5,8 +5,8 @@ nor ``gguf``, and a transfer to it may be capped in size. ``pack`` writes one ta
 GLUE, SQuAD and LM tasks need, split into parts of at most ``--part-mb`` megabytes, with the
 tar's sha256; ``unpack`` joins the parts on the other side, checks the sha256 and extracts::
 
-    python -m benchmarks.offline_bundle pack --out bundle --part-mb 35
-    # ...each part travels on its own...
+    python -m benchmarks.offline_bundle pack --out bundle --part-mb 35 [--folders]
+    # ...each part travels on its own (with --folders: bundle/p0, bundle/p1, ...)...
     python -m benchmarks.offline_bundle unpack bundle --to /tmp/lorsum-offline
 
 The bundle holds ``models/minilm/`` and ``models/smollm2/`` (the layout ``LORSUM_MODELS_DIR``
@@ -46,10 +46,14 @@ def pack(
     data_dir: Path,
     datasets: Sequence[str] = DEFAULT_DATA,
     models: Sequence[str] = MODELS,
+    folders: bool = False,
 ) -> list[Path]:
     """Write the bundle's parts and sha256 into ``out`` (emptied of earlier parts); the parts.
 
     ``models`` picks from :data:`MODELS`: a GLUE-only lease need not carry SmolLM2's 98 MB.
+    ``folders`` puts each part in a folder of its own, ``out/p0``, ``out/p1``, ... (the sha256
+    beside the last part), so that each device call carries one folder; ``unpack`` wants them
+    gathered in one folder again, as ``lease.sh stash`` does.
 
     Raises:
         UserError: ``part_bytes < 1``, an unknown model, a dataset missing from ``data_dir``,
@@ -74,27 +78,46 @@ def pack(
         members += [(f"site/{path.name}", path) for path in _gguf_site()]
 
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(PART_GLOB):
-        old.unlink()
+    _remove_old_parts(out)
     writer = _PartWriter(out, part_bytes)
     with writer, tarfile.open(fileobj=writer, mode="w|") as tar:
         for arcname, path in members:
             tar.add(path, arcname=arcname, filter=_without_caches)
     (out / DIGEST_FILE).write_text(f"{writer.digest.hexdigest()}  bundle.tar\n")
-    return writer.parts
+    if not folders:
+        return writer.parts
+    moved = []
+    for index, part in enumerate(writer.parts):
+        (out / f"p{index}").mkdir()
+        moved.append(part.rename(out / f"p{index}" / part.name))
+    (out / DIGEST_FILE).rename(moved[-1].parent / DIGEST_FILE)
+    return moved
+
+
+def _remove_old_parts(out: Path) -> None:
+    """An earlier bundle's parts and sha256 in ``out`` and in its ``p<K>`` folders, which go
+    too when nothing else is left in them."""
+    for folder in [out, *sorted(out.glob("p[0-9]*"))]:
+        for old in [*folder.glob(PART_GLOB), *folder.glob(DIGEST_FILE)]:
+            old.unlink()
+        if folder != out and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def unpack(parts_dir: Path, to: Path) -> Path:
-    """Join the parts in ``parts_dir``, check their sha256, extract into ``to``; returns ``to``.
+    """Join the parts in ``parts_dir`` (or in its ``p<K>`` folders, as ``pack --folders`` left
+    them), check their sha256, extract into ``to``; returns ``to``.
 
     Raises:
         UserError: no parts, no sha256 file, or a sha256 that does not match (a part missing,
             truncated or from another bundle).
     """
-    parts = sorted(parts_dir.glob(PART_GLOB))
-    digest_file = parts_dir / DIGEST_FILE
-    if not parts or not digest_file.is_file():
-        raise _cli.UserError(f"{parts_dir} holds no bundle ({PART_GLOB} and {DIGEST_FILE})")
+    found = [*parts_dir.glob(PART_GLOB), *parts_dir.glob(f"p[0-9]*/{PART_GLOB}")]
+    parts = sorted(found, key=lambda path: path.name)  # p10/ sorts before p2/, part010 does not
+    digests = [*parts_dir.glob(DIGEST_FILE), *parts_dir.glob(f"p[0-9]*/{DIGEST_FILE}")]
+    if not parts or len(digests) != 1:
+        raise _cli.UserError(f"{parts_dir} holds no bundle ({PART_GLOB} and one {DIGEST_FILE})")
+    digest_file = digests[0]
     expected = digest_file.read_text().split()[0]
     digest = hashlib.sha256()
     for chunk in _chunks(parts):
@@ -217,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"datasets to carry (default: {','.join(DEFAULT_DATA)})")  # fmt: skip
     packer.add_argument("--models", type=_cli.names, default=list(MODELS),
                         help=f"models to carry (default: {','.join(MODELS)})")  # fmt: skip
+    packer.add_argument("--folders", action="store_true",
+                        help="each part in a folder of its own, p0, p1, ... (the sha256 beside "
+                        "the last): one device call carries one folder")  # fmt: skip
     unpacker = commands.add_parser("unpack", help="join, check and extract the parts")
     unpacker.add_argument("parts", type=Path, help="the folder holding every part")
     unpacker.add_argument("--to", type=Path, required=True, help="where to extract")
@@ -224,9 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "pack":
             parts = pack(args.out, part_bytes=int(args.part_mb * 1e6), data_dir=args.data_dir,
-                         datasets=args.data, models=args.models)  # fmt: skip
+                         datasets=args.data, models=args.models, folders=args.folders)  # fmt: skip
             sizes = ", ".join(f"{p.stat().st_size / 1e6:.1f}" for p in parts)
-            print(f"wrote {len(parts)} parts to {args.out} ({sizes} MB) and {DIGEST_FILE}")
+            where = f"{args.out}/p0..p{len(parts) - 1}" if args.folders else str(args.out)
+            print(f"wrote {len(parts)} parts to {where} ({sizes} MB) and {DIGEST_FILE}")
         else:
             to = unpack(args.parts, args.to).resolve()
             print(f"export LORSUM_MODELS_DIR={to / 'models'} PYTHONPATH={to / 'site'}:$PYTHONPATH")

@@ -92,3 +92,29 @@ def test_the_installed_gguf_travels_with_its_metadata():
     assert (package / "__init__.py").is_file()
     assert (info / "METADATA").is_file()  # transformers reads gguf's version from it
     assert info.name == f"gguf-{importlib.metadata.version('gguf')}.dist-info"
+
+
+def test_folders_put_one_part_in_each_and_unpack_in_place_or_gathered(tmp_path, sources, capsys):
+    out = tmp_path / "out"
+    offline_bundle.pack(out, part_bytes=1000, data_dir=sources)  # flat parts, to be replaced
+    argv = ["pack", "--out", str(out), "--data-dir", str(sources), "--part-mb", "0.0025"]
+    assert offline_bundle.main([*argv, "--folders"]) == 0
+    assert "parts to" in capsys.readouterr().out
+    folders = sorted((p for p in out.iterdir() if p.is_dir()), key=lambda p: int(p.name[1:]))
+    assert len(folders) > 10  # so that p10/ sorts before p2/ by path
+    assert not list(out.glob("bundle.tar*"))  # the flat parts and sha256 are gone
+    for index, folder in enumerate(folders):
+        names = sorted(p.name for p in folder.iterdir())
+        part = f"bundle.tar.part{index:03d}"
+        last = index == len(folders) - 1
+        assert names == ([part, offline_bundle.DIGEST_FILE] if last else [part])
+    expected = _tree(offline_bundle.unpack(out, tmp_path / "in-place"))
+    gathered = tmp_path / "gathered"  # what lease.sh stash makes of them, one call at a time
+    gathered.mkdir()
+    for folder in folders:
+        for path in folder.iterdir():
+            (gathered / path.name).write_bytes(path.read_bytes())
+    assert _tree(offline_bundle.unpack(gathered, tmp_path / "offline")) == expected
+    assert expected["data/wikitext-2/part.txt"] == b"wikitext-2" * 100
+    offline_bundle.pack(out, part_bytes=10**6, data_dir=sources)  # flat again: folders go
+    assert sorted(p.name for p in out.iterdir()) == ["bundle.tar.part000", "bundle.tar.sha256"]
