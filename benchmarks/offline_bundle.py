@@ -52,8 +52,8 @@ def pack(
 
     ``models`` picks from :data:`MODELS`: a GLUE-only lease need not carry SmolLM2's 98 MB.
     ``folders`` puts each part in a folder of its own, ``out/p0``, ``out/p1``, ... (the sha256
-    beside the last part), so that each device call carries one folder; ``unpack`` wants them
-    gathered in one folder again, as ``lease.sh stash`` does.
+    beside the last part), so that each device call carries one folder; ``unpack`` takes them
+    in their folders or gathered in one, as ``lease.sh stash`` gathers them.
 
     Raises:
         UserError: ``part_bytes < 1``, an unknown model, a dataset missing from ``data_dir``,
@@ -88,7 +88,7 @@ def pack(
         return writer.parts
     moved = []
     for index, part in enumerate(writer.parts):
-        (out / f"p{index}").mkdir()
+        (out / f"p{index}").mkdir(exist_ok=True)
         moved.append(part.rename(out / f"p{index}" / part.name))
     (out / DIGEST_FILE).rename(moved[-1].parent / DIGEST_FILE)
     return moved
@@ -113,7 +113,7 @@ def unpack(parts_dir: Path, to: Path) -> Path:
             truncated or from another bundle).
     """
     found = [*parts_dir.glob(PART_GLOB), *parts_dir.glob(f"p[0-9]*/{PART_GLOB}")]
-    parts = sorted(found, key=lambda path: path.name)  # p10/ sorts before p2/, part010 does not
+    parts = sorted(found, key=lambda path: path.name)  # by number: p10/ < p2/ as paths
     digests = [*parts_dir.glob(DIGEST_FILE), *parts_dir.glob(f"p[0-9]*/{DIGEST_FILE}")]
     if not parts or len(digests) != 1:
         raise _cli.UserError(f"{parts_dir} holds no bundle ({PART_GLOB} and one {DIGEST_FILE})")
@@ -244,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="each part in a folder of its own, p0, p1, ... (the sha256 beside "
                         "the last): one device call carries one folder")  # fmt: skip
     unpacker = commands.add_parser("unpack", help="join, check and extract the parts")
-    unpacker.add_argument("parts", type=Path, help="the folder holding every part")
+    unpacker.add_argument("parts", type=Path,
+                          help="the folder of every part (or of their p0, p1, ...)")  # fmt: skip
     unpacker.add_argument("--to", type=Path, required=True, help="where to extract")
     args = parser.parse_args(argv)
     try:
