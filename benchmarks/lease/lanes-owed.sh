@@ -14,16 +14,16 @@ FULL=(--size full --device cuda --data-dir "$DATA" --out-dir "$RESULTS/compare-f
 NOT_SVD=full-adamw,lora-sgd,lora-adamw,loraplus,precond-sgd,precond-adamw,lora-pro,lorsum-x1-nomom,lorsum-x1,lorsum-x2,lorsum-x8,scaled-kfac,scaled-shampoo
 
 # The LM full size's own rates around the quick size's, then 3 seeds. Both rounds of the sweep
-# ran on 2026-12-07 and settled every method; the seeds of LoRA-Pro, LoRSum with 1 and 2 sweeps
-# and ScaledLoRSum-Shampoo (8 runs) are what is left: the chain skips the stored runs. A run
-# holds about 10 GB of the GPU at its peak (full fine-tuning 12.3 GB): 7 at once had 79,423 of an
-# H100's 81,559 MiB in use (logs/2026-12-07-h100-lease3-polls.txt), too close once two full
-# fine-tuning seeds meet. Under MPS (lease.sh starts it) 31 runs of 6 at a time finished in the
-# 18 minutes of the fourth lease (logs/2026-12-07-h100-lease4-*). With 8 runs left, 4 at a time
-# (two waves, about 45 GB) leave room for the SQuAD lane beside it (a SQuAD run allocates 1.8 to
-# 2.4 GB): run the two in one lease.
+# ran on 2026-12-07 and settled every method; the seeds of LoRSum with 1 sweep (seed 1), with 2
+# sweeps and ScaledLoRSum-Shampoo (5 runs) are what is left: the chain skips the stored runs. A
+# run holds about 10 to 11 GB of the GPU at its peak (full fine-tuning 12.3 GB). In the fifth
+# lease 5 of the 8 seed runs then owed ran out of memory: 4 LM processes (10.8 GiB each) met 10
+# SQuAD processes of 3.3 to 4.1 GiB each (logs/2026-12-07-h100-lease5-lane-lm.log). A SQuAD
+# run's tensors peak at 1.8 to 2.3 GiB (`cuda_max_allocated_bytes`); its process holds more, the
+# CUDA context and the allocator's cache. Budget a GPU by the processes' figure: 3 LM runs at a
+# time (about 33 GB) leave room for the 6 SQuAD runs (about 25 GB) in the same lease.
 lane_lm() {
-  chain lm-full-own -- --task lm "${FULL[@]}" --methods "$NOT_SVD" --jobs 4 \
+  chain lm-full-own -- --task lm "${FULL[@]}" --methods "$NOT_SVD" --jobs 3 \
     --lr-from "$RESULTS/compare/lm-summary.json"
 }
 
@@ -40,11 +40,17 @@ lane_svdlora() {
   # a run with 2 to 12 sharing the H200), so that its tuned table holds the step LoRSum approaches.
   chain lm-full-own-svdlora -- --task lm "${FULL[@]}" --methods svdlora --jobs 3 \
     --lr-from "$RESULTS/compare/lm-summary.json"
+  # SQuAD beyond the quick size: its 604 steps at SST-2's rate and a half decade either side, as
+  # the other methods' sweep (squad-604) ran, then 3 seeds.
+  chain squad-604-svdlora -- --task squad "${FULL[@]}" --steps 604 --methods svdlora --jobs 3 \
+    --lr-from "$RESULTS/compare/glue-summary.json:sst2"
 }
 
 # SQuAD at 604 steps (4 epochs): each method's rate around its SST-2 rate (the centre is stored
-# from the probe), then 3 seeds. About 26 + 26 runs of 3 to 6 minutes with 16 sharing the GPU.
+# from the probe), then 3 seeds. The fifth lease ran the sweep's three rounds and all seeds but
+# those of LoRSum without momentum and with 1 and 2 sweeps (6 runs, 3.3 to 4.1 GiB each), which
+# the chain resumes.
 lane_squad() {
-  chain squad-604 -- --task squad "${FULL[@]}" --steps 604 --methods "$NOT_SVD" --jobs 10 \
+  chain squad-604 -- --task squad "${FULL[@]}" --steps 604 --methods "$NOT_SVD" --jobs 6 \
     --lr-from "$RESULTS/compare/glue-summary.json:sst2"
 }
