@@ -507,7 +507,7 @@ def page_lm() -> str:
             ),
             summary_section(
                 "compare-full/lm-full-own-tuned-summary.json",
-                "Full size, its own rates: 3 seeds (9 of 13 methods; the others' seeds owed)",
+                "Full size, its own rates: 3 seeds (10 of 13 methods; the others' seeds owed)",
             ),
             _figure("compare-full/lm-full-own-tuned.png", "Full size, own rates: training curves"),
             summary_section(
@@ -556,6 +556,27 @@ def page_squad() -> str:
             summary_section(
                 "compare-full/squad-long-up-summary.json",
                 "604 steps, full fine-tuning and LoRA-AdamW one half decade higher (seed 0)",
+            ),
+            summary_section(
+                "compare-full/squad-604-tuned-summary.json",
+                "604 steps, its own rates: 3 seeds (10 of 13 methods; the others' seeds owed)",
+            ),
+            _figure("compare-full/squad-604-tuned.png", "604 steps, own rates: F1 during training"),
+            summary_section(
+                "compare-full/squad-604-s1-summary.json",
+                "604 steps, its own sweep, first round (seed 0, three half decades around the "
+                "SST-2 rates)",
+            ),
+            _figure("compare-full/squad-604-s1-lr.png", "604 steps: F1 against rate"),
+            summary_section(
+                "compare-full/squad-604-s2-summary.json",
+                "604 steps, its own sweep, second round (seed 0, re-centred where the first "
+                "round's best was at an end)",
+            ),
+            _figure("compare-full/squad-604-s2-lr.png", "604 steps, second round: F1 vs rate"),
+            summary_section(
+                "compare-full/squad-604-s3-summary.json",
+                "604 steps, third round (LoRA-SGD and LoRSum with 2 sweeps)",
             ),
         ]
     )
