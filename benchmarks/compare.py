@@ -21,6 +21,7 @@ import json
 import math
 import multiprocessing
 import os
+import queue
 import statistics
 import time
 import traceback
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_cli.positive_int,
         default=1,
         help="runs trained at once, each in its own process sharing the CPU cores (and the GPU) "
-        "evenly; small models leave a GPU mostly idle, so several jobs fill it (default: 1)",
+        "evenly; small models leave a GPU mostly idle, so several jobs fill it. A run out of GPU "
+        "memory is queued again behind the others, twice at most (default: 1)",
     )
     parser.add_argument(
         "--name",
@@ -408,26 +410,67 @@ def load_stored(runs: list[dict[str, Any]], out_dir: Path) -> list[dict[str, Any
     return records
 
 
-def _execute_in_processes(todo: list[dict[str, Any]], out_dir: Path, jobs: int) -> None:
+OUT_OF_MEMORY_RETRIES = 2  # tries again, each at the back of the queue, for a run out of GPU memory
+OUT_OF_MEMORY_WAIT_S = 30.0  # before a retry, per attempt: time for the GPU's other runs to move on
+
+
+def _execute_in_processes(
+    todo: list[dict[str, Any]],
+    out_dir: Path,
+    jobs: int,
+    *,
+    worker: Callable[[tuple[dict[str, Any], str, float]], tuple[str, bool] | None] | None = None,
+    wait_s: float = OUT_OF_MEMORY_WAIT_S,
+) -> None:
     """Train ``todo`` in ``jobs`` worker processes (spawned: CUDA cannot be forked), each with
     its share of the CPU threads; every run is stored by its worker as soon as it ends, so a
     failure or an interrupt keeps what was finished.
 
     A run that raises is reported (its traceback by its worker) and the others go on: the pool
-    would otherwise be torn down with every sibling run in flight, a lease's minutes with them
-    (one run out of GPU memory, say). After the last one, the failures are one error.
+    would otherwise be torn down with every sibling run in flight, a lease's minutes with them.
+    A run that ran out of GPU memory is queued again behind the others, at most
+    ``OUT_OF_MEMORY_RETRIES`` times, and waits ``wait_s`` per attempt before it starts: on a
+    shared GPU the memory it lacked is often free a few runs later (in one lease 5 of 8 LM runs
+    were lost so, beside another lane). After the last run, the failures are one error.
     """
+    worker = worker or _train_and_store
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
-    work = [(config, str(out_dir)) for config in todo]
+    outcomes: queue.SimpleQueue[tuple[int, tuple[str, bool] | BaseException | None]] = (
+        queue.SimpleQueue()
+    )
+    attempts = [0] * len(todo)
     failures = []
     with (
         context.Pool(jobs, initializer=torch.set_num_threads, initargs=(threads,)) as pool,
         _Progress(len(todo), f"{len(todo)} runs in {jobs} processes", "run") as advance,
     ):
-        for failure in pool.imap_unordered(_train_and_store, work):
-            if failure is not None:
-                failures.append(failure)
+
+        def submit(index: int) -> None:
+            work = (todo[index], str(out_dir), wait_s * attempts[index])
+            pool.apply_async(
+                worker,
+                (work,),
+                callback=lambda outcome: outcomes.put((index, outcome)),
+                error_callback=lambda error: outcomes.put((index, error)),
+            )
+
+        for index in range(len(todo)):
+            submit(index)
+        in_flight = len(todo)
+        while in_flight:
+            index, outcome = outcomes.get()
+            if isinstance(outcome, BaseException):  # the worker itself died, not the run
+                outcome = (f"{run_path(out_dir, todo[index])}: {outcome!r}", False)
+            if outcome is not None:
+                line, out_of_memory = outcome
+                if out_of_memory and attempts[index] < OUT_OF_MEMORY_RETRIES:
+                    attempts[index] += 1
+                    print(f"out of GPU memory, queued again: {line.split(':')[0]}", flush=True)
+                    submit(index)
+                    continue
+                failures.append(line)
+            in_flight -= 1
             advance()
     if failures:
         raise _cli.UserError(
@@ -436,21 +479,28 @@ def _execute_in_processes(todo: list[dict[str, Any]], out_dir: Path, jobs: int) 
         )
 
 
-def _train_and_store(work: tuple[dict[str, Any], str]) -> str | None:
-    """One run in a worker, stored; ``None``, or what went wrong as one line."""
-    config, out_dir = work
+def _train_and_store(work: tuple[dict[str, Any], str, float]) -> tuple[str, bool] | None:
+    """One run in a worker, stored after waiting ``wait_s``; ``None``, or what went wrong as one
+    line and whether it was the GPU's memory (worth a retry)."""
+    config, out_dir, wait_s = work
+    time.sleep(wait_s)
     path = run_path(Path(out_dir), config)
     try:
         _results.write_json_atomic(path, train_one(config, lambda: None))
         return None
     except Exception as error:  # every failure, reported: see _execute_in_processes
         traceback.print_exc()
-        failure = f"{path}: {type(error).__name__}: {error}"
+        failure = (f"{path}: {type(error).__name__}: {error}", _is_gpu_out_of_memory(error))
     # Out of the handler, the traceback's frames and their tensors are gone: what the run
     # reserved on the GPU can go back to its siblings.
     if config["device"] == "cuda":
         torch.cuda.empty_cache()
     return failure
+
+
+def _is_gpu_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the GPU's allocator running out (a host ``MemoryError`` is not)."""
+    return isinstance(error, torch.OutOfMemoryError)
 
 
 def train_one(config: dict[str, Any], advance: Callable[[], None]) -> dict[str, Any]:

@@ -343,3 +343,42 @@ def test_a_failed_run_in_a_worker_leaves_the_others_stored(tmp_path, monkeypatch
     assert "no-such-method" in str(error.value)
     stored = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.json"))
     assert [(p.parent.name, "seed" in p.name) for p in stored] == [("lora-sgd", True)] * 3
+
+
+def _out_of_gpu_memory_at_first(work):
+    """A stand-in worker (module level, so spawned processes can load it): seed 0 runs out of
+    GPU memory once, seed 1 every time, seed 2 never; each attempt leaves a file."""
+    config, out_dir, wait_s = work
+    seed = config["seed"]
+    tries = len(list(Path(out_dir).glob(f"try-{seed}-*")))
+    Path(out_dir, f"try-{seed}-{tries}-waited-{wait_s:g}").touch()
+    if seed == 1 or (seed == 0 and tries == 0):
+        return f"run {seed}: OutOfMemoryError: CUDA out of memory", True
+    return None
+
+
+def test_a_run_out_of_gpu_memory_is_queued_again_behind_the_others(tmp_path):
+    from benchmarks import compare
+
+    todo = [{"method": "lora-sgd", "lr": 0.01, "seed": seed} for seed in range(3)]
+    with pytest.raises(compare._cli.UserError, match="1 of 3 runs failed") as error:
+        compare._execute_in_processes(
+            todo, tmp_path, 2, worker=_out_of_gpu_memory_at_first, wait_s=0.01
+        )
+    assert "run 1: OutOfMemoryError" in str(error.value)
+    assert "run 0" not in str(error.value)
+    tries = sorted(p.name for p in tmp_path.glob("try-*"))
+    retries = compare.OUT_OF_MEMORY_RETRIES
+    assert tries == sorted(
+        ["try-0-0-waited-0", "try-0-1-waited-0.01", "try-2-0-waited-0"]
+        + [f"try-1-{n}-waited-{0.01 * n:g}" for n in range(retries + 1)]
+    )
+
+
+def test_only_the_gpus_allocator_running_out_is_worth_a_retry():
+    import torch
+    from benchmarks.compare import _is_gpu_out_of_memory
+
+    assert _is_gpu_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not _is_gpu_out_of_memory(MemoryError())
+    assert not _is_gpu_out_of_memory(RuntimeError("CUDA error: device-side assert"))
