@@ -25,7 +25,7 @@ import queue
 import statistics
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary_path = args.out_dir / f"{name}-summary.json"
     _results.write_json_atomic(summary_path, summary)
     print(format_summary(summary))
-    print(f"\nwrote {len(records)} run files under {args.out_dir} and {summary_path}")
+    runs_line = "read" if args.summarize_only else "stored"
+    print(f"\n{runs_line} {len(records)} run files under {args.out_dir}; wrote {summary_path}")
     if not args.no_plot:
         from benchmarks.plots import plot_curves
 
@@ -557,9 +558,21 @@ def summarize(task: Any, name: str, variants: Sequence[str], records: list[dict]
             sign = -1.0 if task.METRIC_MODE == "max" else 1.0
             best_lr = min(sweep, key=lambda e: _sort_key(sign * e["final_mean"]))["lr"]
             best = next(e for e in candidates if e["lr"] == best_lr)
-            entries[method] = {**best, "sweep": sorted(sweep, key=lambda e: e["lr"])}
+            entries[method] = {
+                **best,
+                "sweep": sorted(sweep, key=lambda e: e["lr"]),
+                "run_files": _run_files(r for group in rates.values() for r in group),
+            }
         out["variants"][variant] = {"methods": entries, **task.extras(variant, entries)}
     return out
+
+
+def _run_files(records: Iterable[dict[str, Any]]) -> list[str]:
+    """Where each aggregated run is stored, relative to the summary's folder: the provenance a
+    report cites (a method's folder also holds runs of other budgets and sweeps). Every stored
+    run names its task and budget; a record without them (a hand-made one) has no file."""
+    configs = [r["config"] for r in records]
+    return sorted(run_path(Path(), c).as_posix() for c in configs if "task" in c and "steps" in c)
 
 
 def _aggregate(metric: str, lr: float, group: list[dict]) -> dict[str, Any]:
@@ -573,7 +586,27 @@ def _aggregate(metric: str, lr: float, group: list[dict]) -> dict[str, Any]:
         "final_per_seed": finals,
         "mean_curve": [statistics.fmean(step) for step in zip(*curves, strict=True)],
         "wall_time_s_mean": statistics.fmean(r["wall_time_s"] for r in group),
+        "other_finals": _other_finals(metric, group),
     }
+
+
+def _other_finals(metric: str, group: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and std over the seeds of every other number a run ends with (SQuAD's HasAns F1,
+    ``best_f1`` and evaluation loss, say): a table beside the selected metric reads them here,
+    not from the run files one by one."""
+    finals = [r["results"]["final"] for r in group]
+    keys = [
+        key
+        for key, value in finals[0].items()
+        if key != metric
+        and all(isinstance(f.get(key), (int, float)) and not isinstance(f.get(key), bool)
+                for f in finals)
+    ]  # fmt: skip
+    return {
+        key: {"mean": statistics.fmean(f[key] for f in finals),
+              "std": _spread([float(f[key]) for f in finals])}
+        for key in keys
+    }  # fmt: skip
 
 
 def _on_seeds(entry: dict[str, Any], shared: set[int]) -> dict[str, Any]:

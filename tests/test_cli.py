@@ -323,6 +323,46 @@ def test_rates_are_ranked_on_the_seeds_they_share_not_on_one_lucky_seed():
     assert apart["variants"]["deterministic"]["methods"]["lora-sgd"]["lr"] == 0.3
 
 
+def test_a_summary_also_holds_the_mean_and_spread_of_every_other_final_number():
+    from benchmarks.compare import summarize
+    from benchmarks.tasks import TASKS
+
+    def record(seed, value, has_ans_f1):
+        config = {"variant": "deterministic", "method": "lora-sgd", "lr": 0.1, "seed": seed}
+        final = {"excess_loss": value, "HasAns_f1": has_ans_f1, "total": 10, "ok": True}
+        final["note"] = "not a number"
+        return {"config": config, "results": {"final": final, "curves": {"excess_loss": [value]}},
+                "wall_time_s": 1.0}  # fmt: skip
+
+    store = [record(0, 1.0, 2.0), record(1, 3.0, 6.0)]
+    summary = summarize(TASKS["synthetic"], "synthetic", ["deterministic"], store)
+    other = summary["variants"]["deterministic"]["methods"]["lora-sgd"]["other_finals"]
+    assert set(other) == {"HasAns_f1", "total"}  # not the metric itself, a flag or a string
+    assert other["HasAns_f1"]["mean"] == 4.0
+    assert other["HasAns_f1"]["std"] == pytest.approx(2.0**1.5)
+    assert other["total"] == {"mean": 10.0, "std": 0.0}
+
+
+def test_a_summary_names_the_run_files_it_aggregates():
+    from benchmarks.compare import summarize
+    from benchmarks.tasks import TASKS
+
+    def record(lr, seed, steps):
+        config = {"task": "synthetic", "variant": "deterministic", "method": "lora-sgd",
+                  "lr": lr, "seed": seed, "steps": steps}  # fmt: skip
+        results = {"final": {"excess_loss": lr}, "curves": {"excess_loss": [lr]}}
+        return {"config": config, "results": results, "wall_time_s": 1.0}
+
+    default = TASKS["synthetic"].default_steps("deterministic")
+    store = [record(0.1, 0, default), record(0.1, 1, default), record(0.3, 0, 7)]
+    summary = summarize(TASKS["synthetic"], "synthetic", ["deterministic"], store)
+    assert summary["variants"]["deterministic"]["methods"]["lora-sgd"]["run_files"] == [
+        "synthetic-deterministic/lora-sgd/lr0.1-seed0.json",
+        "synthetic-deterministic/lora-sgd/lr0.1-seed1.json",
+        "synthetic-deterministic/lora-sgd/lr0.3-seed0-steps7.json",
+    ]
+
+
 def test_a_failed_run_in_a_worker_leaves_the_others_stored(tmp_path, monkeypatch, capsys):
     from benchmarks import compare
 

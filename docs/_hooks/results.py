@@ -17,7 +17,7 @@ import math
 import posixpath
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +110,16 @@ def _source(relative: str) -> str:
     """Provenance of a summary: its file, and the code and machines of the runs it aggregates."""
     path = RESULTS / relative
     summary = json.loads(path.read_text(encoding="utf-8"))
-    methods = {m for v in summary["variants"].values() for m in v["methods"]}
-    runs = []
-    for variant in summary["variants"]:
-        for method in methods:
-            runs += (path.parent / f"{summary['task']}-{variant}" / method).glob("lr*-seed*.json")
+    entries = [e for v in summary["variants"].values() for e in v["methods"].values()]
+    if all("run_files" in e for e in entries):  # summaries since 2026-12-07 name their runs
+        runs = [path.parent / name for e in entries for name in e["run_files"]]
+    else:  # older ones: every run in their methods' folders, other budgets' included
+        methods = {m for v in summary["variants"].values() for m in v["methods"]}
+        runs = []
+        for variant in summary["variants"]:
+            for method in methods:
+                folder = path.parent / f"{summary['task']}-{variant}" / method
+                runs += folder.glob("lr*-seed*.json")
     shas, devices, torches = set(), set(), set()
     for run in runs:
         record = json.loads(run.read_text(encoding="utf-8"))
@@ -144,8 +149,11 @@ def _as_percent(summary: dict[str, Any]) -> bool:
     return bool(values) and max(values) <= 1.0
 
 
-def summary_section(relative: str, heading: str, *, level: int = 2) -> str:
-    """Tables of one ``lorsum compare`` summary: every variant, best method first."""
+def summary_section(
+    relative: str, heading: str, *, level: int = 2, also: Sequence[str] = ()
+) -> str:
+    """Tables of one ``lorsum compare`` summary: every variant, best method first; ``also``
+    names other final numbers (the summary's ``other_finals``) shown as mean ± std columns."""
     summary = _load(relative)
     percent = _as_percent(summary)
     scale = 100.0 if percent else 1.0
@@ -183,10 +191,14 @@ def summary_section(relative: str, heading: str, *, level: int = 2) -> str:
             ]
             if closure:
                 row.append(f"{closure[method]:.2f}" if method in closure else "")
+            for key in also:
+                other = e.get("other_finals", {}).get(key)
+                row.append(f"{_num(other['mean'])} ± {_num(other['std'], 2)}" if other else "")
             rows.append(row)
         headers = ["method", "lr", f"final {metric}", "per seed", "s / run"]
         if closure:
             headers.append("gap closure")
+        headers += [f"`{key}`" for key in also]
         parts += [_table(headers, rows), ""]
         if closure:
             parts += [
@@ -534,6 +546,10 @@ def page_lm() -> str:
     )
 
 
+# What a SQuAD table shows beside F1: answers found, the best no-answer threshold, the loss.
+SQUAD_ALSO = ("HasAns_f1", "best_f1", "eval_loss")
+
+
 def page_squad() -> str:
     return "\n".join(
         [
@@ -560,23 +576,27 @@ def page_squad() -> str:
             summary_section(
                 "compare-full/squad-604-tuned-summary.json",
                 "604 steps, its own rates: 3 seeds (10 of 13 methods; the others' seeds owed)",
+                also=SQUAD_ALSO,
             ),
             _figure("compare-full/squad-604-tuned.png", "604 steps, own rates: F1 during training"),
             summary_section(
                 "compare-full/squad-604-s1-summary.json",
                 "604 steps, its own sweep, first round (seed 0, three half decades around the "
                 "SST-2 rates)",
+                also=SQUAD_ALSO,
             ),
             _figure("compare-full/squad-604-s1-lr.png", "604 steps: F1 against rate"),
             summary_section(
                 "compare-full/squad-604-s2-summary.json",
                 "604 steps, its own sweep, second round (seed 0, re-centred where the first "
                 "round's best was at an end)",
+                also=SQUAD_ALSO,
             ),
             _figure("compare-full/squad-604-s2-lr.png", "604 steps, second round: F1 vs rate"),
             summary_section(
                 "compare-full/squad-604-s3-summary.json",
                 "604 steps, third round (LoRA-SGD and LoRSum with 2 sweeps)",
+                also=SQUAD_ALSO,
             ),
         ]
     )
