@@ -595,18 +595,16 @@ def _other_finals(metric: str, group: list[dict]) -> dict[str, dict[str, float]]
     ``best_f1`` and evaluation loss, say): a table beside the selected metric reads them here,
     not from the run files one by one."""
     finals = [r["results"]["final"] for r in group]
-    keys = [
-        key
-        for key, value in finals[0].items()
-        if key != metric
-        and all(isinstance(f.get(key), (int, float)) and not isinstance(f.get(key), bool)
-                for f in finals)
-    ]  # fmt: skip
+    keys = [k for k in finals[0] if k != metric and all(_is_number(f.get(k)) for f in finals)]
     return {
         key: {"mean": statistics.fmean(f[key] for f in finals),
               "std": _spread([float(f[key]) for f in finals])}
         for key in keys
     }  # fmt: skip
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _on_seeds(entry: dict[str, Any], shared: set[int]) -> dict[str, Any]:
