@@ -100,7 +100,14 @@ DENSE_METHODS = ("scaled-dense", "lora-pro", "svdlora")
 # The stacking part: each optimizer that stacks same-shape pairs, and the same one with
 # foreach=False (this suffix), every pair stepped alone.
 ALONE = "-alone"
-STACKING_METHODS = ("lorsum-x1", "precond-sgd", "precond-adamw", "scaled-diagonal", "lora-pro")
+STACKING_METHODS = (
+    "lorsum-x1",
+    "precond-sgd",
+    "precond-adamw",
+    "scaled-diagonal",
+    "lora-pro",
+    "svdlora",
+)
 
 
 def part_configs(

@@ -31,6 +31,19 @@ def test_rank_above_the_size_keeps_everything():
     assert ref.rel_err((U * S) @ Vh, M) <= 1e-12
 
 
+@pytest.mark.parametrize("rank", [1, 3, 9])
+def test_a_stack_is_decomposed_as_each_of_its_matrices(rank):
+    stack = torch.stack([randn(9, 7, seed=seed) for seed in range(4)])
+    U, S, Vh = truncated_svd(stack, rank)
+    B, A = balanced_factors(U, S, Vh)
+    for i, M in enumerate(stack):
+        assert ref.rel_err(B[i] @ A[i], ref.best_rank(M, rank)) <= 1e-12
+        u, s, vh = truncated_svd(M, rank)
+        torch.testing.assert_close(S[i], s, rtol=1e-12, atol=0)
+        b, a = balanced_factors(u, s, vh)
+        torch.testing.assert_close(B[i] @ A[i], b @ a, rtol=1e-12, atol=1e-14)
+
+
 def test_balanced_factors_reproduce_the_projection_with_equal_gram_matrices():
     B, A = balanced_factors(*truncated_svd(randn(9, 7, seed=3), 3))
     assert ref.rel_err(B @ A, ref.best_rank(randn(9, 7, seed=3), 3)) <= 1e-12
@@ -64,6 +77,16 @@ def test_randomized_svd_is_deterministic_for_a_seeded_generator():
     ("call", "error", "match"),
     [
         (lambda: truncated_svd(randn(3, 3, seed=0), 0), ValueError, r"Invalid rank: 0"),
+        (
+            lambda: truncated_svd(torch.ones(2, 3, 4, 5), 1),
+            ValueError,
+            r"M must be a matrix \(m, n\) or a stack of them \(G, m, n\), got shape \(2, 3, 4, 5\)",
+        ),
+        (
+            lambda: best_rank_r(torch.ones(3, 4, 5), 1),
+            ValueError,
+            r"M must be a matrix \(2-d\), got shape \(3, 4, 5\)",
+        ),
         (
             lambda: best_rank_r(torch.ones(3), 1),
             ValueError,

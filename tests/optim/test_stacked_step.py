@@ -151,6 +151,8 @@ def _operators_per_step(optimizer_name: str, pairs: int, **hparams) -> int:
         ("lora_pro", {}),
         ("precond_sgd", {}),
         ("precond_adamw", {}),
+        ("svdlora", {}),
+        ("svdlora", {"momentum": 0.9}),
     ],
 )
 def test_a_stack_computes_with_as_many_operators_for_many_pairs_as_for_few(optimizer_name, hparams):

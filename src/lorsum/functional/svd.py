@@ -17,24 +17,31 @@ __all__ = ["balanced_factors", "best_rank_r", "randomized_svd", "truncated_svd"]
 
 
 def truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The top-``rank`` singular triplets of a dense matrix.
+    """The top-``rank`` singular triplets of a dense matrix, or of each matrix of a stack.
+
+    A stack is decomposed by one batched call: on a GPU that is one launch and one check of
+    the solver's status for all of its matrices, where a loop pays both per matrix.
 
     Args:
-        M: ``(m, n)`` dense matrix.
+        M: ``(m, n)`` dense matrix, or ``(G, m, n)``: ``G`` of them.
         rank: ``1 <= rank``; values above ``min(m, n)`` keep every triplet.
 
     Returns:
-        ``U (m, k)``, ``S (k,)`` (descending), ``Vh (k, n)`` with ``k = min(rank, m, n)``, in
-        the dtype of ``M`` (computed in at least float32).
+        ``U (…, m, k)``, ``S (…, k)`` (descending), ``Vh (…, k, n)`` with
+        ``k = min(rank, m, n)``, in the dtype of ``M`` (computed in at least float32).
 
     Raises:
-        ValueError: ``M`` not 2-d, or ``rank < 1``.
+        ValueError: ``M`` neither 2-d nor 3-d, or ``rank < 1``.
     """
-    M = _check_matrix("M", M)
+    if isinstance(M, Tensor) and M.ndim not in (2, 3):
+        raise ValueError(
+            f"M must be a matrix (m, n) or a stack of them (G, m, n), got shape {tuple(M.shape)}"
+        )
+    M = _check_matrix("M", M, tuple(M.shape[:-2]) if isinstance(M, Tensor) else ())
     _check_rank(rank)
     U, S, Vh = torch.linalg.svd(M.to(default_compute_dtype(M)), full_matrices=False)
-    k = min(rank, S.shape[0])
-    return U[:, :k].to(M.dtype), S[:k].to(M.dtype), Vh[:k].to(M.dtype)
+    k = min(rank, S.shape[-1])
+    return U[..., :k].to(M.dtype), S[..., :k].to(M.dtype), Vh[..., :k, :].to(M.dtype)
 
 
 def best_rank_r(M: Tensor, rank: int) -> Tensor:
@@ -43,14 +50,15 @@ def best_rank_r(M: Tensor, rank: int) -> Tensor:
     Dense: takes and returns an ``(m, n)`` matrix and runs a full SVD, ``O(m n min(m, n))``.
     This is SVDLoRA's projection and the oracle every LoRSum test compares against.
     """
-    U, S, Vh = truncated_svd(M, rank)
+    U, S, Vh = truncated_svd(_check_matrix("M", M), rank)
     return (U * S) @ Vh
 
 
 def balanced_factors(U: Tensor, S: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
-    """Split ``U diag(S) Vh`` into LoRA factors ``B = U S^½ (m, k)`` and ``A = S^½ Vh (k, n)``."""
+    """Split ``U diag(S) Vh`` into LoRA factors ``B = U S^½ (m, k)`` and ``A = S^½ Vh (k, n)``
+    (each of a stack: ``U (…, m, k)``, ``S (…, k)``, ``Vh (…, k, n)``)."""
     root = S.clamp_min(0).sqrt()
-    return U * root, root.unsqueeze(-1) * Vh
+    return U * root.unsqueeze(-2), root.unsqueeze(-1) * Vh
 
 
 def randomized_svd(

@@ -22,6 +22,7 @@ __all__ = [
     "STACK_LIMIT",
     "Alone",
     "captured_numel",
+    "captured_stack_key",
     "group_stacks",
     "hyperparameter_key",
     "split_by_size",
@@ -76,6 +77,25 @@ def captured_numel(captured: CapturedGradient) -> int:
         t.numel()
         for term in captured.terms()
         for t in (term if isinstance(term, tuple) else (term,))
+    )
+
+
+def captured_stack_key(
+    group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient
+) -> Hashable:
+    """The stack key of a pair stepped from its captured gradient: pairs with equal keys agree
+    on their factors' shapes, dtypes and device, on the layout of their captured terms (rows or
+    dense, and their shapes) and on every hyperparameter, so their terms stack term by term."""
+    layout = tuple(
+        (tuple(t[0].shape), tuple(t[1].shape), t[0].dtype, t[1].dtype)
+        if isinstance(t, tuple)
+        else (tuple(t.shape), t.dtype)
+        for t in captured.terms()
+    )
+    return (
+        (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device),
+        (layout, captured.averaged),
+        hyperparameter_key(group),
     )
 
 

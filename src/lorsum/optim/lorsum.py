@@ -6,9 +6,8 @@ from collections.abc import Hashable
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from lorsum.capture import CapturedGradient, GradientCapture
+from lorsum.capture import GradientCapture
 from lorsum.functional import lorsum
 from lorsum.optim._base import (
     LoRAOptimizer,
@@ -23,8 +22,8 @@ from lorsum.optim._stacking import (
     STACK_LIMIT,
     Alone,
     captured_numel,
+    captured_stack_key,
     group_stacks,
-    hyperparameter_key,
     stack,
     stack_terms,
 )
@@ -163,7 +162,7 @@ class LoRSum(LoRAOptimizer):
         if captured is None:
             return None
         stackable = group["foreach"] and captured_numel(captured) <= STACK_LIMIT
-        return _stack_key(group, A, B, captured) if stackable else Alone(id(B))
+        return captured_stack_key(group, A, B, captured) if stackable else Alone(id(B))
 
     def _step_stack(self, members: list[PairWork]) -> None:
         group = members[0][0]  # every member has the same hyperparameters (the stack's key)
@@ -209,18 +208,3 @@ class LoRSum(LoRAOptimizer):
             updates += [(M_Bs, M_B, M_B_new), (M_As, M_A, M_A_new)]
         self._commit_stack_(states, updates)
         advance_steps(states)
-
-
-def _stack_key(group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient) -> Any:
-    """Pairs with equal keys can be stepped as one stack."""
-    layout = tuple(
-        (tuple(t[0].shape), tuple(t[1].shape), t[0].dtype, t[1].dtype)
-        if isinstance(t, tuple)
-        else (tuple(t.shape), t.dtype)
-        for t in captured.terms()
-    )
-    return (
-        (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device),
-        (layout, captured.averaged),
-        hyperparameter_key(group),
-    )

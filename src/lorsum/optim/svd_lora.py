@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lorsum.capture import CapturedGradient, GradientCapture
+from lorsum.capture import GradientCapture
 from lorsum.functional import (
     FactoredSum,
     balanced_factors,
@@ -18,9 +19,20 @@ from lorsum.functional import (
 from lorsum.optim._base import (
     LoRAOptimizer,
     PairWork,
+    _check_bool,
     _check_choice,
     _check_count,
     _check_fraction,
+    advance_steps,
+)
+from lorsum.optim._stacking import (
+    STACK_LIMIT,
+    Alone,
+    captured_stack_key,
+    group_stacks,
+    split_by_size,
+    stack,
+    stack_terms,
 )
 
 __all__ = ["SVDLoRA"]
@@ -54,6 +66,10 @@ class SVDLoRA(LoRAOptimizer):
         weight_decay: decoupled weight decay on ``s·B A`` (default: 0).
         svd: ``"exact"`` (default) or ``"randomized"``.
         oversamples, power_iters: of the randomized range finder (defaults: 10 and 2).
+        foreach: with ``svd="exact"``, step pairs of equal shapes, dtypes and hyperparameters
+            as one stack, their steps decomposed by one batched SVD (default: True). Each
+            member holds its ``m × n`` step at once; a stack is cut where they pass
+            ``2**22`` numbers (16 MiB in float32). ``False`` steps pair by pair.
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
         nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
@@ -82,6 +98,7 @@ class SVDLoRA(LoRAOptimizer):
         svd: str = "exact",
         oversamples: int = 10,
         power_iters: int = 2,
+        foreach: bool = True,
         capture: GradientCapture | None = None,
         max_grad_norm: float | None = None,
         nonfinite: str = "skip_pair",
@@ -96,6 +113,7 @@ class SVDLoRA(LoRAOptimizer):
             "svd": svd,
             "oversamples": oversamples,
             "power_iters": power_iters,
+            "foreach": foreach,
         }
         super().__init__(
             params,
@@ -114,6 +132,7 @@ class SVDLoRA(LoRAOptimizer):
         _check_choice(group, "svd", ("exact", "randomized"))
         _check_count(group, "oversamples", minimum=0)
         _check_count(group, "power_iters", minimum=0)
+        _check_bool(group, "foreach")
 
     def _step_lora_groups(self, work: list[PairWork]) -> None:
         reducer = self.reducer
@@ -122,58 +141,132 @@ class SVDLoRA(LoRAOptimizer):
             # collective for all of them), as DDP of the full weights would. The baseline pays
             # the dense cost anyway.
             self._average_dense_([c for _, _, _, c in work if c is not None], reducer)
-        super()._step_lora_groups(work)
+        # Same-shape pairs are stepped as one stack: one batched SVD for all of them. On a GPU
+        # each SVD call is a launch and a wait for the solver's status; a model's 24 to 60
+        # adapters paid both per layer. Each member adds its m×n step (and momentum) to what
+        # the stack holds at once, so a stack is cut where those pass STACK_LIMIT numbers.
+        for members in group_stacks(work, self._stack_of):
+            for chunk in split_by_size(members, _dense_numel, STACK_LIMIT):
+                self._step_stack(chunk)
 
-    def _step_lora_group(
-        self, group: dict[str, Any], A: Tensor, B: Tensor, captured: CapturedGradient | None
-    ) -> None:
+    def _stack_of(self, item: PairWork) -> Hashable | None:
+        group, A, B, captured = item
         if captured is None:
-            return
-        state = self.state[B]
-        if "step" not in state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-        lr, s, beta = group["lr"], group["lora_scaling"], group["momentum"]
-        rank = A.shape[0]
-        # The step in W units: (1 − η wd)·sBA − η·D, D = ∂L/∂W + β M (the capture holds s·∂L/∂W).
-        terms: list[Any] = [(s * B, A), *captured.terms()]
-        weights: list[Any] = [1.0 - lr * group["weight_decay"]]
-        weights += [-lr / s] * (len(terms) - 1)
-        updates: list[tuple[Tensor, Tensor]] = []
-        if beta > 0:
-            buffer = state.get("momentum_buffer_dense")
-            gradient = captured.to_dense() / s
-            new_buffer = gradient if buffer is None else buffer.to(gradient.dtype) * beta + gradient
-            terms, weights = [(s * B, A), new_buffer], [weights[0], -lr]
-            if buffer is None:
-                state["momentum_buffer_dense"] = torch.zeros_like(new_buffer)
-            updates.append((state["momentum_buffer_dense"], new_buffer))
-        try:
-            U, S, Vh = self._decompose(group, terms, weights, A, B, state)
-        except torch.linalg.LinAlgError:
-            # The SVD did not converge (a diverging or non-finite step): skip it, loudly counted.
-            U = torch.full((B.shape[0], rank), float("nan"), dtype=B.dtype, device=B.device)
-            S = torch.zeros(rank, dtype=B.dtype, device=B.device)
-            Vh = torch.zeros(rank, A.shape[1], dtype=A.dtype, device=A.device)
-        B_new, A_new = balanced_factors(U, S, Vh)
-        if B_new.shape[1] < rank:  # a layer smaller than the rank: pad with zero directions
-            B_new = torch.nn.functional.pad(B_new, (0, rank - B_new.shape[1]))
-            A_new = torch.nn.functional.pad(A_new, (0, 0, 0, rank - A_new.shape[0]))
-        root_s = s**0.5
-        self._commit_(state, [(B, B_new / root_s), (A, A_new / root_s), *updates])
-        state["step"] += 1
+            return None
+        if not group["foreach"] or group["svd"] != "exact":
+            # The randomized SVD multiplies one factored step at a time.
+            return Alone(id(B))
+        # A pair without its momentum buffer yet (its first step) is stacked apart.
+        buffer = self.state[B].get("momentum_buffer_dense")
+        momentum = None if buffer is None else buffer.dtype
+        return captured_stack_key(group, A, B, captured), momentum
 
-    @staticmethod
-    def _decompose(
-        group: dict[str, Any], terms: list[Any], weights: list[Any], A: Tensor, B: Tensor,
-        state: dict[str, Any],
-    ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-        """Top-r SVD of the step: dense and exact, or randomized on the factored step."""
-        shape, rank = (B.shape[0], A.shape[1]), A.shape[0]
-        target = FactoredSum.from_terms(terms, weights, shape, dtype=default_compute_dtype(A, B))
+    def _step_stack(self, members: list[PairWork]) -> None:
+        group = members[0][0]  # every member has the same hyperparameters (the stack's key)
+        As, Bs = [A for _, A, _, _ in members], [B for _, _, B, _ in members]
+        states = [self.state[B] for B in Bs]
+        for state in states:
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+        lr, s, beta = group["lr"], group["lora_scaling"], group["momentum"]
+        rank, shape, batch = As[0].shape[0], (Bs[0].shape[0], As[0].shape[1]), (len(members),)
+        B, A = stack(Bs), stack(As)
+        # The capture holds s·∂L/∂W per pair, as rows (Sᵀ, X) or dense; stacked term by term.
+        gradient = stack_terms([captured.terms() for _, _, _, captured in members])
+        # The step in W units: (1 − η wd)·sBA − η·D, with D = ∂L/∂W + β M.
+        terms: list[Any] = [(s * B, A), *gradient]
+        weights: list[Any] = [1.0 - lr * group["weight_decay"]] + [-lr / s] * len(gradient)
+        updates: list[tuple[list[Tensor], Tensor, Tensor]] = []
+        if beta > 0:
+            dense = FactoredSum.from_terms(
+                gradient, [1.0 / s] * len(gradient), shape, batch=batch,
+                dtype=default_compute_dtype(*_tensors(gradient)),
+            ).to_dense()  # fmt: skip
+            buffers = [state.get("momentum_buffer_dense") for state in states]
+            if buffers[0] is None:  # the first step: M = ∂L/∂W (the stack's key: all or none)
+                new_buffer = dense
+                buffers = [torch.zeros_like(d) for d in dense.unbind(0)]
+                for state, buffer in zip(states, buffers, strict=True):
+                    state["momentum_buffer_dense"] = buffer
+            else:
+                new_buffer = stack(buffers).to(dense.dtype) * beta + dense
+            terms, weights = [(s * B, A), new_buffer], [weights[0], -lr]
+            updates.append((buffers, stack(buffers), new_buffer))
+        dtype = default_compute_dtype(As[0], Bs[0])
         if group["svd"] == "exact":
-            return truncated_svd(target.to_dense(), rank)
-        generator = torch.Generator().manual_seed(int(state["step"].item()))
-        return randomized_svd(
-            target, rank, oversamples=group["oversamples"], power_iters=group["power_iters"],
+            steps = FactoredSum.from_terms(terms, weights, shape, batch=batch, dtype=dtype)
+            U, S, Vh = _exact_svds(steps.to_dense(), rank)
+        else:  # a stack of one (see _stack_of): the range finder on the factored step
+            step = FactoredSum.from_terms(_first_member(terms), weights, shape, dtype=dtype)
+            U, S, Vh = _randomized_svd(group, step, rank, int(states[0]["step"].item()))
+        B_new, A_new = balanced_factors(U, S, Vh)
+        if B_new.shape[-1] < rank:  # a layer smaller than the rank: pad with zero directions
+            B_new = torch.nn.functional.pad(B_new, (0, rank - B_new.shape[-1]))
+            A_new = torch.nn.functional.pad(A_new, (0, 0, 0, rank - A_new.shape[-2]))
+        root_s = s**0.5
+        self._commit_stack_(states, [(Bs, B, B_new / root_s), (As, A, A_new / root_s), *updates])
+        advance_steps(states)
+
+
+def _exact_svds(steps: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-r SVD of each step of a stack ``(G, m, n)``, in one batched call.
+
+    A member whose SVD does not converge (a diverging or non-finite step) fails the batched
+    call; the members are then decomposed one by one, and a failed one gets NaN directions,
+    which the commit skips and counts, alone.
+    """
+    try:
+        return truncated_svd(steps, rank)
+    except torch.linalg.LinAlgError:
+        triplets = [_svd_or_nan(step, rank) for step in steps.unbind(0)]
+    U, S, Vh = (torch.stack(parts) for parts in zip(*triplets, strict=True))
+    return U, S, Vh
+
+
+def _svd_or_nan(step: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    try:
+        return truncated_svd(step, rank)
+    except torch.linalg.LinAlgError:
+        return _nan_triplet(step.shape, rank, like=step)
+
+
+def _randomized_svd(
+    group: dict[str, Any], step: FactoredSum, rank: int, count: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The range finder's top-r SVD of one factored step, as a stack of one; its probes are
+    seeded by the pair's step ``count``, so a resumed run draws the same ones."""
+    generator = torch.Generator().manual_seed(count)
+    try:
+        U, S, Vh = randomized_svd(
+            step, rank, oversamples=group["oversamples"], power_iters=group["power_iters"],
             generator=generator,
         )  # fmt: skip
+    except torch.linalg.LinAlgError:
+        # The first term, s·B, is on the step's device and in its dtype.
+        U, S, Vh = _nan_triplet(step.shape, rank, like=step.pairs[0][1])
+    return U.unsqueeze(0), S.unsqueeze(0), Vh.unsqueeze(0)
+
+
+def _nan_triplet(
+    shape: tuple[int, ...], rank: int, *, like: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What a failed SVD of an ``(m, n)`` step gives: NaN directions (in ``like``'s dtype and
+    device), so the commit keeps the pair's factors and counts the skip."""
+    (m, n), k = shape, min(rank, *shape)
+    U = like.new_full((m, k), float("nan"))
+    return U, like.new_zeros(k), like.new_zeros(k, n)
+
+
+def _first_member(terms: list[Any]) -> list[Any]:
+    """The terms of a stack's first member: ``(P, Q)`` as ``(P[0], Q[0])``, ``D`` as ``D[0]``."""
+    return [(t[0][0], t[1][0]) if isinstance(t, tuple) else t[0] for t in terms]
+
+
+def _dense_numel(item: PairWork) -> int:
+    """The m·n numbers of a pair's dense step: what a stack's memory grows by per member."""
+    _, A, B, _ = item
+    return B.shape[0] * A.shape[1]
+
+
+def _tensors(terms: list[Any]) -> list[Tensor]:
+    return [t for term in terms for t in (term if isinstance(term, tuple) else (term,))]

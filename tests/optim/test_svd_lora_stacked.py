@@ -1,0 +1,174 @@
+"""SVDLoRA's stacked step (``foreach=True``): same-shape pairs' steps decomposed by one batched
+SVD, as if one by one; a stack bounded in size; a failed or non-finite member skipped alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorsum
+from lorsum.optim import svd_lora as svd_lora_module
+from tests.optim.stacks import poison_captured, record_stack_sizes, three_plus_one
+
+W = 40
+
+
+def _train(foreach, hparams, *, steps=4, micro_batches=1, poison=None, before_last=None):
+    """``steps`` steps; pair ``poison``'s captured gradient is made non-finite, and
+    ``before_last()`` called, before the last one."""
+    model = three_plus_one(W, 6)
+    opt = lorsum.create_optimizer(model, "svdlora", foreach=foreach, **hparams)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for _ in range(micro_batches):
+            x = torch.randn(8, W, generator=g, dtype=torch.float64)
+            y = torch.randn(8, 6, generator=g, dtype=torch.float64)
+            (model(x) - y).square().mean().backward()
+        if step == steps - 1:
+            if poison is not None:
+                poison_captured(opt, poison)
+            if before_last is not None:
+                before_last()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _values(model, opt):
+    """Per pair: A, B and the dense momentum buffer where the optimizer holds one."""
+    out = []
+    for pair in lorsum.find_lora_pairs(model):
+        state = opt.state[pair.B]
+        buffer = (
+            [state["momentum_buffer_dense"].clone()] if "momentum_buffer_dense" in state else []
+        )
+        out.append([pair.A.detach().clone(), pair.B.detach().clone(), *buffer])
+    return out
+
+
+def _assert_close(ours, theirs):
+    assert [len(v) for v in ours] == [len(v) for v in theirs]
+    for pair, (a_values, b_values) in enumerate(zip(ours, theirs, strict=True)):
+        for a, b in zip(a_values, b_values, strict=True):
+            torch.testing.assert_close(
+                a, b, rtol=1e-9, atol=1e-11, msg=lambda m, pair=pair: f"pair {pair}: {m}"
+            )
+
+
+@pytest.fixture
+def stack_sizes(monkeypatch):
+    """The size of every stack SVDLoRA steps, in order."""
+    return record_stack_sizes(monkeypatch, lorsum.SVDLoRA)
+
+
+HPARAMS = [
+    {"lr": 0.2},
+    {"lr": 0.2, "momentum": 0.9, "weight_decay": 0.1},
+    {"lr": 0.2, "momentum": 0.5, "max_grad_norm": 0.05},
+]
+
+
+@pytest.mark.parametrize("hparams", HPARAMS)
+@pytest.mark.parametrize("micro_batches", [1, 3])
+def test_a_stacked_step_equals_the_pair_by_pair_step(hparams, micro_batches):
+    # With 3 micro-batches the captured gradients are folded to dense matrices: both layouts.
+    stacked = _values(*_train(True, hparams, micro_batches=micro_batches))
+    alone = _values(*_train(False, hparams, micro_batches=micro_batches))
+    _assert_close(stacked, alone)
+
+
+def test_the_stacked_step_is_the_projected_full_step():
+    # The oracle, in float64: each pair's s·B'A' is the best rank-r part of s·BA − η·G.
+    model = three_plus_one(W, 6)
+    pairs = lorsum.find_lora_pairs(model)
+    before = [(pair.scaling * pair.B @ pair.A).detach().clone() for pair in pairs]
+    opt = lorsum.create_optimizer(model, "svdlora", lr=0.2)
+    x = torch.randn(8, W, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model(x).square().mean().backward()
+    gradients = [opt.capture.peek(pair.B).to_dense() / pair.scaling for pair in pairs]
+    opt.step()
+    for pair, W_ba, G in zip(pairs, before, gradients, strict=True):
+        expected = lorsum.functional.best_rank_r(W_ba - 0.2 * G, pair.A.shape[0])
+        torch.testing.assert_close(pair.scaling * pair.B @ pair.A, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_same_shape_pairs_form_one_stack(stack_sizes):
+    _train(True, {"lr": 0.2}, steps=1)
+    assert sorted(stack_sizes) == [1, 3]
+    stack_sizes.clear()
+    _train(False, {"lr": 0.2}, steps=1)
+    assert stack_sizes == [1, 1, 1, 1]
+    stack_sizes.clear()
+    _train(True, {"lr": 0.2, "svd": "randomized"}, steps=1)  # one factored step at a time
+    assert stack_sizes == [1, 1, 1, 1]
+
+
+def test_stacks_are_cut_where_their_dense_steps_pass_the_limit(stack_sizes, monkeypatch):
+    monkeypatch.setattr(svd_lora_module, "STACK_LIMIT", 2 * W * W)  # two 40×40 steps
+    hparams = {"lr": 0.2, "momentum": 0.9}
+    cut = _values(*_train(True, hparams, steps=2))
+    assert stack_sizes == [2, 1, 1] * 2
+    _assert_close(cut, _values(*_train(False, hparams, steps=2)))
+
+
+def test_a_non_finite_pair_is_skipped_alone_in_its_stack():
+    hparams = {"lr": 0.2, "momentum": 0.9}
+    before = _values(*_train(True, hparams, steps=3))
+    clean = _values(*_train(True, hparams, steps=4))
+    model, opt = _train(True, hparams, steps=4, poison=1)
+    after = _values(model, opt)
+    # Pair 1 (the second 40→40 layer) kept its factors and momentum from step 3 ...
+    for old, new in zip(before[1], after[1], strict=True):
+        assert torch.equal(old, new)
+    # ... while its stack-mates (and the 40→6 pair) took the step a clean run takes.
+    _assert_close([after[i] for i in (0, 2, 3)], [clean[i] for i in (0, 2, 3)])
+    skipped = [int(opt.state[pair.B]["skipped_steps"]) for pair in opt.capture.pairs]
+    assert skipped == [0, 1, 0, 0]
+
+
+def test_a_member_whose_svd_fails_is_skipped_alone(monkeypatch):
+    # The batched call fails when any member fails; the members are then decomposed one by
+    # one, and only the failing one (here: the stack's second) keeps its factors.
+    hparams = {"lr": 0.2}
+    before = _values(*_train(True, hparams, steps=1))
+    clean = _values(*_train(True, hparams, steps=2))
+    real = svd_lora_module.truncated_svd
+    calls = []
+
+    def flaky(M, rank):
+        calls.append(tuple(M.shape))
+        if (M.ndim == 3 and M.shape[0] > 1) or len(calls) == 3:  # the batch, then member 1
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(M, rank)
+
+    def arm():
+        monkeypatch.setattr(svd_lora_module, "truncated_svd", flaky)
+
+    model, opt = _train(True, hparams, steps=2, before_last=arm)
+    assert sorted(calls) == sorted([(3, W, W), (W, W), (W, W), (W, W), (1, 6, W)])
+    after = _values(model, opt)
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
+    _assert_close([after[i] for i in (0, 2, 3)], [clean[i] for i in (0, 2, 3)])
+    skipped = [int(opt.state[pair.B].get("skipped_steps", 0)) for pair in opt.capture.pairs]
+    assert skipped == [0, 1, 0, 0]
+
+
+def test_a_checkpoint_without_foreach_loads_with_the_default():
+    _, opt = _train(True, {"lr": 0.2, "momentum": 0.9}, steps=1)
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        group.pop("foreach")  # as saved before the option existed
+    model = three_plus_one(W, 6)
+    resumed = lorsum.create_optimizer(model, "svdlora", lr=0.2, momentum=0.9)
+    resumed.load_state_dict(saved)
+    assert all(group["foreach"] is True for group in resumed.param_groups)
+    model(torch.randn(8, W, dtype=torch.float64)).square().mean().backward()
+    resumed.step()
+    assert all(float(resumed.state[p.B]["step"]) == 2 for p in lorsum.find_lora_pairs(model))
+
+
+def test_foreach_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"Invalid foreach: 'yes' \(must be True or False\)"):
+        lorsum.create_optimizer(three_plus_one(W, 6), "svdlora", foreach="yes")
