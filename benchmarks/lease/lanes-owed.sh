@@ -4,11 +4,13 @@
 # SQuAD need the MiniLM bundle
 # (`python -m benchmarks.offline_bundle pack --models minilm --data glue,squad-v2-cs224n`);
 # the LM lane needs SmolLM2's and gguf's as well (the default `pack` carries them all: 8 parts
-# at `--part-mb 30`, the size that fits beside the 34 MB of tracked files of 2026-12-07; a bundle
-# packed before 2026-12-07 13:20 lacks gguf's dist-info, without which transformers 5.17 cannot
-# load the GGUF: pack it again). The LM lane alone needs only SmolLM2 and WikiText-2
-# (`pack --models smollm2 --data wikitext-2 --part-mb 31`: 4 parts, half the calls). With
-# `--folders` each part lands in a folder of its own, p0, p1, ..., for `lease.sh stash`.
+# at `--part-mb 27`, the size that fits beside the 36.1 MB of tracked files of the evening of
+# 2026-12-07, where 30 MB parts no longer did; a bundle packed before 2026-12-07 13:20 lacks
+# gguf's dist-info, without which transformers 5.17 cannot load the GGUF: pack it again). The
+# LM lane alone needs only SmolLM2 and WikiText-2 (`pack --models smollm2 --data wikitext-2
+# --part-mb 27`: 4 parts, half the calls); SQuAD's alone, MiniLM and SQuAD (`pack --models
+# minilm --data squad-v2-cs224n --part-mb 27`: 4 parts). With `--folders` each part lands in a
+# folder of its own, p0, p1, ..., for `lease.sh stash`.
 # shellcheck shell=bash disable=SC2034
 FULL=(--size full --device cuda --data-dir "$DATA" --out-dir "$RESULTS/compare-full" --no-plot)
 NOT_SVD=full-adamw,lora-sgd,lora-adamw,loraplus,precond-sgd,precond-adamw,lora-pro,lorsum-x1-nomom,lorsum-x1,lorsum-x2,lorsum-x8,scaled-kfac,scaled-shampoo
