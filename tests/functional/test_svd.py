@@ -44,6 +44,24 @@ def test_a_stack_is_decomposed_as_each_of_its_matrices(rank):
         torch.testing.assert_close(B[i] @ A[i], b @ a, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("factored", [False, True])
+def test_a_randomized_stack_is_sketched_as_each_of_its_matrices(factored):
+    # The same probes for every member: each member's result is what it gets alone.
+    Ps = torch.stack([randn(30, 4, seed=seed) for seed in range(3)])
+    Qs = torch.stack([randn(4, 20, seed=10 + seed) for seed in range(3)])
+    stack = FactoredSum.from_terms([(Ps, Qs)], [1.0], (30, 20), batch=(3,))
+    target = stack if factored else stack.to_dense()
+    U, S, Vh = randomized_svd(target, 3, generator=torch.Generator().manual_seed(5))
+    for i in range(3):
+        alone = FactoredSum.from_terms([(Ps[i], Qs[i])], [1.0], (30, 20))
+        u, s, vh = randomized_svd(
+            alone if factored else alone.to_dense(), 3, generator=torch.Generator().manual_seed(5)
+        )
+        torch.testing.assert_close(S[i], s, rtol=1e-10, atol=0)
+        torch.testing.assert_close((U[i] * S[i]) @ Vh[i], (u * s) @ vh, rtol=1e-10, atol=1e-12)
+        assert ref.rel_err((U[i] * S[i]) @ Vh[i], ref.best_rank(Ps[i] @ Qs[i], 3)) <= 1e-10
+
+
 def test_balanced_factors_reproduce_the_projection_with_equal_gram_matrices():
     B, A = balanced_factors(*truncated_svd(randn(9, 7, seed=3), 3))
     assert ref.rel_err(B @ A, ref.best_rank(randn(9, 7, seed=3), 3)) <= 1e-12

@@ -33,11 +33,7 @@ def truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     Raises:
         ValueError: ``M`` neither 2-d nor 3-d, or ``rank < 1``.
     """
-    if isinstance(M, Tensor) and M.ndim not in (2, 3):
-        raise ValueError(
-            f"M must be a matrix (m, n) or a stack of them (G, m, n), got shape {tuple(M.shape)}"
-        )
-    M = _check_matrix("M", M, tuple(M.shape[:-2]) if isinstance(M, Tensor) else ())
+    M = _check_matrix_or_stack("M", M)
     _check_rank(rank)
     U, S, Vh = torch.linalg.svd(M.to(default_compute_dtype(M)), full_matrices=False)
     k = min(rank, S.shape[-1])
@@ -79,25 +75,31 @@ def randomized_svd(
     Cost: ``2 (power_iters + 1)`` products of ``T`` with ``l`` vectors plus ``O((m + n) l²)``;
     with a :class:`FactoredSum` target nothing of size ``m × n`` is formed.
 
+    A stack (a dense ``(G, m, n)`` or a :class:`FactoredSum` with a batch) is sketched with the
+    same probes for every member, each operation batched over the stack.
+
     Args:
-        target: ``T (m, n)``, dense or factored.
+        target: ``T (m, n)``, dense or factored, or a stack of them.
         rank: number of triplets to return, ``>= 1``.
         oversamples: extra probes, ``>= 0`` (default: 10).
         power_iters: power iterations, ``>= 0`` (default: 2).
         generator: source of the Gaussian probes (default: torch's global generator).
 
     Returns:
-        ``U (m, k)``, ``S (k,)``, ``Vh (k, n)`` with ``k = min(rank, m, n)``.
+        ``U (…, m, k)``, ``S (…, k)``, ``Vh (…, k, n)`` with ``k = min(rank, m, n)``.
     """
     _check_rank(rank)
     for name, value in (("oversamples", oversamples), ("power_iters", power_iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"Invalid {name}: {value!r} (must be an int >= 0)")
     if isinstance(target, Tensor):
-        dense = _check_matrix("target", target)
+        dense = _check_matrix_or_stack("target", target)
         dtype = default_compute_dtype(dense)
         dense = dense.to(dtype)
-        target = FactoredSum(pairs=(), dense=((1.0, dense),), shape=tuple(dense.shape))
+        target = FactoredSum(
+            pairs=(), dense=((1.0, dense),), shape=tuple(dense.shape[-2:]),
+            batch=tuple(dense.shape[:-2]),
+        )  # fmt: skip
         device = dense.device
     elif isinstance(target, FactoredSum):
         tensors = [P for _, P, _ in target.pairs] + [D for _, D in target.dense]
@@ -109,14 +111,25 @@ def randomized_svd(
         raise TypeError(f"target must be a Tensor or FactoredSum, got {type(target).__name__}")
     m, n = target.shape
     width = min(rank + oversamples, m, n)
+    # One set of probes for every member of a stack: each member's sketch is as random as alone.
     probes = torch.randn(n, width, generator=generator, dtype=dtype, device="cpu").to(device)
-    Q = torch.linalg.qr(target.matmul(probes)).Q  # (m, l) orthonormal basis of the sketch
+    Q = torch.linalg.qr(target.matmul(probes)).Q  # (…, m, l) orthonormal basis of the sketch
     for _ in range(power_iters):
-        Z = torch.linalg.qr(target.rmatmul(Q).mT).Q  # (n, l): basis of Tᵀ Q
+        Z = torch.linalg.qr(target.rmatmul(Q).mT).Q  # (…, n, l): basis of Tᵀ Q
         Q = torch.linalg.qr(target.matmul(Z)).Q
     Ub, S, Vh = torch.linalg.svd(target.rmatmul(Q), full_matrices=False)  # Qᵀ T = Ub S Vh
-    k = min(rank, S.shape[0])
-    return (Q @ Ub[:, :k]), S[:k], Vh[:k]
+    k = min(rank, S.shape[-1])
+    return (Q @ Ub[..., :k]), S[..., :k], Vh[..., :k, :]
+
+
+def _check_matrix_or_stack(name: str, x: object) -> Tensor:
+    """``x`` as a real floating matrix ``(m, n)`` or a stack of them ``(G, m, n)``."""
+    if isinstance(x, Tensor) and x.ndim not in (2, 3):
+        raise ValueError(
+            f"{name} must be a matrix (m, n) or a stack of them (G, m, n), "
+            f"got shape {tuple(x.shape)}"
+        )
+    return _check_matrix(name, x, tuple(x.shape[:-2]) if isinstance(x, Tensor) else ())
 
 
 def _check_rank(rank: object) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -66,10 +66,11 @@ class SVDLoRA(LoRAOptimizer):
         weight_decay: decoupled weight decay on ``s·B A`` (default: 0).
         svd: ``"exact"`` (default) or ``"randomized"``.
         oversamples, power_iters: of the randomized range finder (defaults: 10 and 2).
-        foreach: with ``svd="exact"``, step pairs of equal shapes, dtypes and hyperparameters
-            as one stack, their steps decomposed by one batched SVD (default: True). Each
-            member holds its ``m × n`` step at once; a stack is cut where they pass
-            ``2**22`` numbers (16 MiB in float32). ``False`` steps pair by pair.
+        foreach: step pairs of equal shapes, dtypes and hyperparameters as one stack
+            (default: True): their steps go through one batched SVD (``"exact"``) or one
+            batched range finder (``"randomized"``, whose stacks also share a step count, the
+            probes' seed). A stack is cut where its members' ``m × n`` steps pass ``2**22``
+            numbers (16 MiB in float32). ``False`` steps pair by pair.
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
         nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
@@ -153,13 +154,15 @@ class SVDLoRA(LoRAOptimizer):
         group, A, B, captured = item
         if captured is None:
             return None
-        if not group["foreach"] or group["svd"] != "exact":
-            # The randomized SVD multiplies one factored step at a time.
+        if not group["foreach"]:
             return Alone(id(B))
+        state = self.state[B]
         # A pair without its momentum buffer yet (its first step) is stacked apart.
-        buffer = self.state[B].get("momentum_buffer_dense")
+        buffer = state.get("momentum_buffer_dense")
         momentum = None if buffer is None else buffer.dtype
-        return captured_stack_key(group, A, B, captured), momentum
+        # The randomized SVD's probes are seeded by the step count: a stack shares one count.
+        count = _step_count(state) if group["svd"] == "randomized" else None
+        return captured_stack_key(group, A, B, captured), momentum, count
 
     def _step_stack(self, members: list[PairWork]) -> None:
         group = members[0][0]  # every member has the same hyperparameters (the stack's key)
@@ -193,12 +196,12 @@ class SVDLoRA(LoRAOptimizer):
             terms, weights = [(s * B, A), new_buffer], [weights[0], -lr]
             updates.append((buffers, stack(buffers), new_buffer))
         dtype = default_compute_dtype(As[0], Bs[0])
+        steps = FactoredSum.from_terms(terms, weights, shape, batch=batch, dtype=dtype)
         if group["svd"] == "exact":
-            steps = FactoredSum.from_terms(terms, weights, shape, batch=batch, dtype=dtype)
-            U, S, Vh = _exact_svds(steps.to_dense(), rank)
-        else:  # a stack of one (see _stack_of): the range finder on the factored step
-            step = FactoredSum.from_terms(_first_member(terms), weights, shape, dtype=dtype)
-            U, S, Vh = _randomized_svd(group, step, rank, int(states[0]["step"].item()))
+            U, S, Vh = _stacked_svds(lambda T: truncated_svd(T.to_dense(), rank), steps, rank)
+        else:  # the range finder on the factored steps, seeded by the stack's step count
+            seed = _step_count(states[0])
+            U, S, Vh = _stacked_svds(lambda T: _randomized(group, T, rank, seed), steps, rank)
         B_new, A_new = balanced_factors(U, S, Vh)
         if B_new.shape[-1] < rank:  # a layer smaller than the rank: pad with zero directions
             B_new = torch.nn.functional.pad(B_new, (0, rank - B_new.shape[-1]))
@@ -208,58 +211,65 @@ class SVDLoRA(LoRAOptimizer):
         advance_steps(states)
 
 
-def _exact_svds(steps: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-r SVD of each step of a stack ``(G, m, n)``, in one batched call.
+def _stacked_svds(
+    decompose: Callable[[FactoredSum], tuple[Tensor, Tensor, Tensor]], steps: FactoredSum, rank: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-r SVD of each step of a stack: ``U (G, m, k)``, ``S (G, k)``, ``Vh (G, k, n)``.
 
-    A member whose SVD does not converge (a diverging or non-finite step) fails the batched
-    call; the members are then decomposed one by one, and a failed one gets NaN directions,
-    which the commit skips and counts, alone.
+    ``decompose`` takes the whole stack in one batched call. A member whose SVD does not
+    converge (a diverging or non-finite step) fails that call; the members are then decomposed
+    one by one, and a failed one gets NaN directions, which the commit skips and counts, alone.
     """
     try:
-        return truncated_svd(steps, rank)
+        return decompose(steps)
     except torch.linalg.LinAlgError:
-        triplets = [_svd_or_nan(step, rank) for step in steps.unbind(0)]
-    U, S, Vh = (torch.stack(parts) for parts in zip(*triplets, strict=True))
+        triplets = [_svd_or_nan(decompose, member, rank) for member in _members(steps)]
+    U, S, Vh = (torch.cat(parts) for parts in zip(*triplets, strict=True))
     return U, S, Vh
 
 
-def _svd_or_nan(step: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    try:
-        return truncated_svd(step, rank)
-    except torch.linalg.LinAlgError:
-        return _nan_triplet(step.shape, rank, like=step)
-
-
-def _randomized_svd(
-    group: dict[str, Any], step: FactoredSum, rank: int, count: int
+def _svd_or_nan(
+    decompose: Callable[[FactoredSum], tuple[Tensor, Tensor, Tensor]],
+    member: FactoredSum,
+    rank: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The range finder's top-r SVD of one factored step, as a stack of one; its probes are
-    seeded by the pair's step ``count``, so a resumed run draws the same ones."""
-    generator = torch.Generator().manual_seed(count)
+    """``decompose`` of a stack of one member, or NaN directions if its SVD fails."""
     try:
-        U, S, Vh = randomized_svd(
-            step, rank, oversamples=group["oversamples"], power_iters=group["power_iters"],
-            generator=generator,
-        )  # fmt: skip
+        return decompose(member)
     except torch.linalg.LinAlgError:
-        # The first term, s·B, is on the step's device and in its dtype.
-        U, S, Vh = _nan_triplet(step.shape, rank, like=step.pairs[0][1])
-    return U.unsqueeze(0), S.unsqueeze(0), Vh.unsqueeze(0)
+        (m, n), k = member.shape, min(rank, *member.shape)
+        like = member.pairs[0][1]  # s·B, every step's first term: the step's dtype and device
+        return like.new_full((1, m, k), float("nan")), like.new_zeros(1, k), like.new_zeros(1, k, n)
 
 
-def _nan_triplet(
-    shape: tuple[int, ...], rank: int, *, like: Tensor
+def _randomized(
+    group: dict[str, Any], steps: FactoredSum, rank: int, seed: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """What a failed SVD of an ``(m, n)`` step gives: NaN directions (in ``like``'s dtype and
-    device), so the commit keeps the pair's factors and counts the skip."""
-    (m, n), k = shape, min(rank, *shape)
-    U = like.new_full((m, k), float("nan"))
-    return U, like.new_zeros(k), like.new_zeros(k, n)
+    """The range finder's top-r SVD of a stack of factored steps; its probes are seeded by the
+    pairs' step count, so a resumed run, or the same pair stepped alone, draws the same ones."""
+    generator = torch.Generator().manual_seed(seed)
+    return randomized_svd(
+        steps, rank, oversamples=group["oversamples"], power_iters=group["power_iters"],
+        generator=generator,
+    )  # fmt: skip
 
 
-def _first_member(terms: list[Any]) -> list[Any]:
-    """The terms of a stack's first member: ``(P, Q)`` as ``(P[0], Q[0])``, ``D`` as ``D[0]``."""
-    return [(t[0][0], t[1][0]) if isinstance(t, tuple) else t[0] for t in terms]
+def _members(steps: FactoredSum) -> list[FactoredSum]:
+    """Each member of a stack of sums, as a stack of one."""
+    return [
+        FactoredSum(
+            tuple((w, P[i : i + 1], Q[i : i + 1]) for w, P, Q in steps.pairs),
+            tuple((w, D[i : i + 1]) for w, D in steps.dense),
+            steps.shape,
+            (1,),
+        )
+        for i in range(steps.batch[0])
+    ]
+
+
+def _step_count(state: dict[str, Any]) -> int:
+    """The pair's steps so far (a 0-d CPU tensor: reading it does not wait for a device)."""
+    return int(state["step"]) if "step" in state else 0
 
 
 def _dense_numel(item: PairWork) -> int:
