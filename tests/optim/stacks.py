@@ -54,3 +54,63 @@ def poison_captured(optimizer: torch.optim.Optimizer, index: int) -> None:
         statistic = getattr(captured, name)
         if statistic is not None:
             statistic.view(-1)[0] = float("inf")
+
+
+def train(
+    optimizer: str,
+    foreach: bool,
+    hparams: dict,
+    *,
+    width: int,
+    steps: int = 4,
+    micro_batches: int = 1,
+    poison: int | None = None,
+    before_last=None,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """``steps`` steps of ``optimizer`` (a :func:`lorsum.create_optimizer` name) on
+    :func:`three_plus_one` ``(width, 6)``, each on ``micro_batches`` float64 batches of 8 rows.
+    Before the last step, pair ``poison``'s captured gradient is made non-finite and
+    ``before_last()`` is called."""
+    model = three_plus_one(width, 6)
+    opt = lorsum.create_optimizer(model, optimizer, foreach=foreach, **hparams)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        for _ in range(micro_batches):
+            x = torch.randn(8, width, generator=g, dtype=torch.float64)
+            y = torch.randn(8, 6, generator=g, dtype=torch.float64)
+            (model(x) - y).square().mean().backward()
+        if step == steps - 1:
+            if poison is not None:
+                poison_captured(opt, poison)
+            if before_last is not None:
+                before_last()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def pair_values(model: nn.Module, opt: torch.optim.Optimizer) -> list[list[torch.Tensor]]:
+    """Per pair: ``A``, ``B`` and every tensor the optimizer keeps for it (its counters left
+    out), in a fixed order."""
+    out = []
+    for pair in lorsum.find_lora_pairs(model):
+        values = [pair.A.detach().clone(), pair.B.detach().clone()]
+        for p in (pair.A, pair.B):
+            state = opt.state[p]
+            values += [
+                state[k].clone()
+                for k in sorted(state)
+                if k not in ("step", "skipped_steps") and isinstance(state[k], torch.Tensor)
+            ]
+        out.append(values)
+    return out
+
+
+def assert_pairs_close(ours, theirs, *, rtol: float, atol: float) -> None:
+    """:func:`pair_values` of two runs agree, pair by pair, naming the pair that does not."""
+    assert [len(v) for v in ours] == [len(v) for v in theirs]
+    for pair, (mine, other) in enumerate(zip(ours, theirs, strict=True)):
+        for a, b in zip(mine, other, strict=True):
+            torch.testing.assert_close(
+                a, b, rtol=rtol, atol=atol, msg=lambda m, pair=pair: f"pair {pair}: {m}"
+            )

@@ -33,7 +33,7 @@ from lorsum.functional.lora_pro import _damped_cholesky
 from lorsum.optim import lora_pro as lora_pro_module
 from tests import reference as ref
 from tests.host_reads import no_host_reads, step_counters
-from tests.optim.stacks import record_stack_sizes, three_plus_one
+from tests.optim.stacks import assert_pairs_close, pair_values, record_stack_sizes, three_plus_one
 from tests.utils import randn, well_conditioned
 
 F64 = torch.float64
@@ -219,23 +219,8 @@ def _train(foreach, hparams, *, steps=4, frozen_at=None, no_grad_A=None, poison=
     return model, opt
 
 
-def _values(model, opt):
-    """Per pair: A, B and every moment the optimizer holds for it, in a fixed order."""
-    out = []
-    for pair in lorsum.find_lora_pairs(model):
-        state = opt.state[pair.B]
-        moments = [state[k].clone() for k in ("exp_avg", "exp_avg_sq") if k in state]
-        out.append([pair.A.detach().clone(), pair.B.detach().clone(), *moments])
-    return out
-
-
 def _assert_close(stacked, alone):
-    assert [len(v) for v in stacked] == [len(v) for v in alone]
-    for pair, (ours, theirs) in enumerate(zip(stacked, alone, strict=True)):
-        for a, b in zip(ours, theirs, strict=True):
-            torch.testing.assert_close(
-                a, b, rtol=1e-10, atol=1e-12, msg=lambda m, pair=pair: f"pair {pair}: {m}"
-            )
+    assert_pairs_close(stacked, alone, rtol=1e-10, atol=1e-12)
 
 
 @pytest.fixture
@@ -256,8 +241,8 @@ HPARAMS = [
 
 @pytest.mark.parametrize("hparams", HPARAMS)
 def test_a_stacked_step_equals_the_pair_by_pair_step(hparams):
-    stacked = _values(*_train(True, hparams))
-    alone = _values(*_train(False, hparams))
+    stacked = pair_values(*_train(True, hparams))
+    alone = pair_values(*_train(False, hparams))
     _assert_close(stacked, alone)
 
 
@@ -268,7 +253,7 @@ def test_pairs_that_missed_a_step_or_a_gradient_still_match_the_pair_by_pair_ste
     runs = {}
     for foreach in (True, False):
         model, opt = _train(foreach, hparams, steps=5, frozen_at=1, no_grad_A=2)
-        runs[foreach] = _values(model, opt)
+        runs[foreach] = pair_values(model, opt)
         counts = [float(opt.state[p.B]["step"]) for p in lorsum.find_lora_pairs(model)]
         assert counts == [5, 4, 5, 5]
     _assert_close(runs[True], runs[False])
@@ -287,7 +272,7 @@ def test_pairs_with_other_hyperparameters_are_not_stacked_together(stack_sizes, 
             _backward(model, step, g)
             opt.step()
             opt.zero_grad()
-        return _values(model, opt)
+        return pair_values(model, opt)
 
     stacked = run(True)
     assert sorted(stack_sizes) == [1, 1, 1, 1, 2, 2]  # per step: pair 0, pairs 1 and 2, pair 3
@@ -297,10 +282,10 @@ def test_pairs_with_other_hyperparameters_are_not_stacked_together(stack_sizes, 
 @pytest.mark.parametrize("mode", ["full_adam", "sgd"])
 def test_a_non_finite_pair_is_skipped_alone_in_its_stack(mode):
     hparams = {"lr": 2e-2 if mode == "full_adam" else 0.3, "mode": mode}
-    before = _values(*_train(True, hparams, steps=3))
-    clean = _values(*_train(True, hparams, steps=4))
+    before = pair_values(*_train(True, hparams, steps=3))
+    clean = pair_values(*_train(True, hparams, steps=4))
     model, opt = _train(True, hparams, steps=4, poison=True)
-    after = _values(model, opt)
+    after = pair_values(model, opt)
     # Pair 1 (the second 10→10 layer) kept its factors and moments from step 3 ...
     for old, new in zip(before[1], after[1], strict=True):
         assert torch.equal(old, new)
@@ -351,7 +336,7 @@ def test_full_adam_stacks_are_bounded_in_size(stack_sizes, monkeypatch):
 
 def test_bounded_stacks_still_equal_the_pair_by_pair_step(monkeypatch):
     monkeypatch.setattr(lora_pro_module, "STACK_LIMIT", 2 * W * W)
-    _assert_close(_values(*_train(True, HPARAMS[1])), _values(*_train(False, HPARAMS[1])))
+    _assert_close(pair_values(*_train(True, HPARAMS[1])), pair_values(*_train(False, HPARAMS[1])))
 
 
 # --- state and checkpoints ---------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lorsum
-from tests.optim.stacks import poison_captured, record_stack_sizes, three_plus_one
+from tests.optim.stacks import record_stack_sizes, three_plus_one, train
 
 W = 40
 
@@ -18,20 +18,8 @@ def _model(seed=0):
     return three_plus_one(W, 6, seed=seed)
 
 
-def _train(foreach, hparams, *, steps=4, micro_batches=1, poison=None):
-    model = _model()
-    opt = lorsum.create_optimizer(model, "lorsum", foreach=foreach, **hparams)
-    g = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        for _ in range(micro_batches):
-            x = torch.randn(8, W, generator=g, dtype=torch.float64)
-            y = torch.randn(8, 6, generator=g, dtype=torch.float64)
-            (model(x) - y).square().mean().backward()
-        if poison is not None and step == steps - 1:
-            poison_captured(opt, poison)
-        opt.step()
-        opt.zero_grad()
-    return model, opt
+def _train(foreach, hparams, **options):
+    return train("lorsum", foreach, hparams, width=W, **options)
 
 
 def _factors(model):

@@ -10,51 +10,23 @@ import torch
 
 import lorsum
 from lorsum.optim import svd_lora as svd_lora_module
-from tests.optim.stacks import poison_captured, record_stack_sizes, three_plus_one
+from tests.optim.stacks import (
+    assert_pairs_close,
+    pair_values,
+    record_stack_sizes,
+    three_plus_one,
+    train,
+)
 
 W = 40
 
 
-def _train(foreach, hparams, *, steps=4, micro_batches=1, poison=None, before_last=None):
-    """``steps`` steps; pair ``poison``'s captured gradient is made non-finite, and
-    ``before_last()`` called, before the last one."""
-    model = three_plus_one(W, 6)
-    opt = lorsum.create_optimizer(model, "svdlora", foreach=foreach, **hparams)
-    g = torch.Generator().manual_seed(1)
-    for step in range(steps):
-        for _ in range(micro_batches):
-            x = torch.randn(8, W, generator=g, dtype=torch.float64)
-            y = torch.randn(8, 6, generator=g, dtype=torch.float64)
-            (model(x) - y).square().mean().backward()
-        if step == steps - 1:
-            if poison is not None:
-                poison_captured(opt, poison)
-            if before_last is not None:
-                before_last()
-        opt.step()
-        opt.zero_grad()
-    return model, opt
-
-
-def _values(model, opt):
-    """Per pair: A, B and the dense momentum buffer where the optimizer holds one."""
-    out = []
-    for pair in lorsum.find_lora_pairs(model):
-        state = opt.state[pair.B]
-        buffer = (
-            [state["momentum_buffer_dense"].clone()] if "momentum_buffer_dense" in state else []
-        )
-        out.append([pair.A.detach().clone(), pair.B.detach().clone(), *buffer])
-    return out
+def _train(foreach, hparams, **options):
+    return train("svdlora", foreach, hparams, width=W, **options)
 
 
 def _assert_close(ours, theirs):
-    assert [len(v) for v in ours] == [len(v) for v in theirs]
-    for pair, (a_values, b_values) in enumerate(zip(ours, theirs, strict=True)):
-        for a, b in zip(a_values, b_values, strict=True):
-            torch.testing.assert_close(
-                a, b, rtol=1e-9, atol=1e-11, msg=lambda m, pair=pair: f"pair {pair}: {m}"
-            )
+    assert_pairs_close(ours, theirs, rtol=1e-9, atol=1e-11)
 
 
 @pytest.fixture
@@ -76,8 +48,8 @@ HPARAMS = [
 @pytest.mark.parametrize("micro_batches", [1, 3])
 def test_a_stacked_step_equals_the_pair_by_pair_step(hparams, micro_batches):
     # With 3 micro-batches the captured gradients are folded to dense matrices: both layouts.
-    stacked = _values(*_train(True, hparams, micro_batches=micro_batches))
-    alone = _values(*_train(False, hparams, micro_batches=micro_batches))
+    stacked = pair_values(*_train(True, hparams, micro_batches=micro_batches))
+    alone = pair_values(*_train(False, hparams, micro_batches=micro_batches))
     _assert_close(stacked, alone)
 
 
@@ -110,17 +82,17 @@ def test_same_shape_pairs_form_one_stack(stack_sizes):
 def test_stacks_are_cut_where_their_dense_steps_pass_the_limit(stack_sizes, monkeypatch):
     monkeypatch.setattr(svd_lora_module, "STACK_LIMIT", 2 * W * W)  # two 40×40 steps
     hparams = {"lr": 0.2, "momentum": 0.9}
-    cut = _values(*_train(True, hparams, steps=2))
+    cut = pair_values(*_train(True, hparams, steps=2))
     assert stack_sizes == [2, 1, 1] * 2
-    _assert_close(cut, _values(*_train(False, hparams, steps=2)))
+    _assert_close(cut, pair_values(*_train(False, hparams, steps=2)))
 
 
 def test_a_non_finite_pair_is_skipped_alone_in_its_stack():
     hparams = {"lr": 0.2, "momentum": 0.9}
-    before = _values(*_train(True, hparams, steps=3))
-    clean = _values(*_train(True, hparams, steps=4))
+    before = pair_values(*_train(True, hparams, steps=3))
+    clean = pair_values(*_train(True, hparams, steps=4))
     model, opt = _train(True, hparams, steps=4, poison=1)
-    after = _values(model, opt)
+    after = pair_values(model, opt)
     # Pair 1 (the second 40→40 layer) kept its factors and momentum from step 3 ...
     for old, new in zip(before[1], after[1], strict=True):
         assert torch.equal(old, new)
@@ -137,8 +109,8 @@ def test_a_member_whose_svd_fails_is_skipped_alone(monkeypatch, svd, function):
     # The batched call fails when any member fails; the members are then decomposed one by
     # one, and only the failing one (here: the stack's second) keeps its factors.
     hparams = {"lr": 0.2, "svd": svd}
-    before = _values(*_train(True, hparams, steps=1))
-    clean = _values(*_train(True, hparams, steps=2))
+    before = pair_values(*_train(True, hparams, steps=1))
+    clean = pair_values(*_train(True, hparams, steps=2))
     real = getattr(svd_lora_module, function)
     stack_sizes = []
 
@@ -153,7 +125,7 @@ def test_a_member_whose_svd_fails_is_skipped_alone(monkeypatch, svd, function):
 
     model, opt = _train(True, hparams, steps=2, before_last=arm)
     assert sorted(stack_sizes) == [1, 1, 1, 1, 3]  # the 40→6 pair's stack of one too
-    after = _values(model, opt)
+    after = pair_values(model, opt)
     assert all(torch.equal(a, b) for a, b in zip(before[1], after[1], strict=True))
     _assert_close([after[i] for i in (0, 2, 3)], [clean[i] for i in (0, 2, 3)])
     skipped = [int(opt.state[pair.B].get("skipped_steps", 0)) for pair in opt.capture.pairs]

@@ -662,6 +662,20 @@ class LoRAOptimizer(Optimizer):
             state_B["momentum_buffer"] = B.new_zeros(B.shape[0], rank)
         return state_B["momentum_buffer"], state_A["momentum_buffer"]
 
+    def _open_stack(
+        self, members: list[PairWork]
+    ) -> tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict[str, Any]]]:
+        """A stack's group, its ``A``s and ``B``s, and their states (keyed by ``B``), each with
+        a ``step`` counter (a 0-d CPU tensor, created at a pair's first step). The group is the
+        first member's: a stack's key holds the hyperparameters, so every member agrees."""
+        group = members[0][0]
+        As, Bs = [A for _, A, _, _ in members], [B for _, _, B, _ in members]
+        states = [self.state[B] for B in Bs]
+        for state in states:
+            if "step" not in state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+        return group, As, Bs, states
+
     def _commit_(self, group_state: dict[str, Any], updates: list[tuple[Tensor, Tensor]]) -> None:
         """Write ``new`` into each ``target`` only if every new value is finite.
 

@@ -213,12 +213,7 @@ class LoRAPro(LoRAOptimizer):
         )
 
     def _step_stack(self, members: list[PairWork]) -> None:
-        group = members[0][0]  # every member has the same hyperparameters (the stack's key)
-        As, Bs = [A for _, A, _, _ in members], [B for _, _, B, _ in members]
-        states = [self.state[B] for B in Bs]
-        for state in states:
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+        group, As, Bs, states = self._open_stack(members)
         advance_steps(states)
         # Stacks are (G, …) tensors (views of the pair's own for G = 1). A stack of one gives
         # the functional core its 2-d member, so foreach=False is the unbatched step exactly.

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import Any
 
-import torch
-
 from lorsum.capture import GradientCapture
 from lorsum.functional import lorsum
 from lorsum.optim._base import (
@@ -165,12 +163,7 @@ class LoRSum(LoRAOptimizer):
         return captured_stack_key(group, A, B, captured) if stackable else Alone(id(B))
 
     def _step_stack(self, members: list[PairWork]) -> None:
-        group = members[0][0]  # every member has the same hyperparameters (the stack's key)
-        As, Bs = [A for _, A, _, _ in members], [B for _, _, B, _ in members]
-        states = [self.state[B] for B in Bs]
-        for state in states:
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+        group, As, Bs, states = self._open_stack(members)
         lr, s, beta = group["lr"], group["lora_scaling"], group["momentum"]
         # G_s = s·∂L/∂W per pair, as pairs (Sᵀ, X) or one dense matrix; stacked term by term.
         gradient = stack_terms([captured.terms() for _, _, _, captured in members])

@@ -375,13 +375,9 @@ class ScaledLoRSum(LoRAOptimizer):
         momentum stay per-pair state tensors; the commit keeps a non-finite member's old values
         while its stack-mates take their new ones.
         """
-        group = members[0][0]  # every member has the same hyperparameters (the stack's key)
-        As, Bs = [A for _, A, _, _ in members], [B for _, _, B, _ in members]
+        group, As, Bs, states_B = self._open_stack(members)
         captures = [c for _, _, _, c in members]
-        states_A, states_B = [self.state[A] for A in As], [self.state[B] for B in Bs]
-        for state in states_B:
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+        states_A = [self.state[A] for A in As]
         # The same for every member (the key); a CPU tensor, so reading it is not a device sync.
         t = int(states_B[0]["step"].item()) + 1
         lr, s = group["lr"], group["lora_scaling"]

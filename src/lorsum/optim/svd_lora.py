@@ -165,12 +165,7 @@ class SVDLoRA(LoRAOptimizer):
         return captured_stack_key(group, A, B, captured), momentum, count
 
     def _step_stack(self, members: list[PairWork]) -> None:
-        group = members[0][0]  # every member has the same hyperparameters (the stack's key)
-        As, Bs = [A for _, A, _, _ in members], [B for _, _, B, _ in members]
-        states = [self.state[B] for B in Bs]
-        for state in states:
-            if "step" not in state:
-                state["step"] = torch.zeros((), dtype=torch.float32)
+        group, As, Bs, states = self._open_stack(members)
         lr, s, beta = group["lr"], group["lora_scaling"], group["momentum"]
         rank, shape, batch = As[0].shape[0], (Bs[0].shape[0], As[0].shape[1]), (len(members),)
         B, A = stack(Bs), stack(As)
