@@ -438,6 +438,9 @@ def page_glue() -> str:
                 "compare-full/glue-svdlora-rte-seeds-summary.json", "SVDLoRA, RTE seeds", level=3
             ),
             summary_section(
+                "compare-full/glue-svdlora-stsb-seeds-summary.json", "SVDLoRA, STS-B seeds", level=3
+            ),
+            summary_section(
                 "compare-full/glue-tuned2-summary.json",
                 "Seeds 0-2 at the second sweep's rates (before the ends were swept further)",
                 level=3,
@@ -519,7 +522,7 @@ def page_lm() -> str:
             ),
             summary_section(
                 "compare-full/lm-full-own-tuned-summary.json",
-                "Full size, its own rates: 3 seeds (10 of 13 methods; the others' seeds owed)",
+                "Full size, its own rates: 3 seeds",
             ),
             _figure("compare-full/lm-full-own-tuned.png", "Full size, own rates: training curves"),
             summary_section(
@@ -575,10 +578,15 @@ def page_squad() -> str:
             ),
             summary_section(
                 "compare-full/squad-604-tuned-summary.json",
-                "604 steps, its own rates: 3 seeds (10 of 13 methods; the others' seeds owed)",
+                "604 steps, its own rates: 3 seeds",
                 also=SQUAD_ALSO,
             ),
             _figure("compare-full/squad-604-tuned.png", "604 steps, own rates: F1 during training"),
+            summary_section(
+                "compare-full/squad-604-svdlora-tuned-summary.json",
+                "604 steps, SVDLoRA at its own rate: 3 seeds",
+                also=SQUAD_ALSO,
+            ),
             summary_section(
                 "compare-full/squad-604-s1-summary.json",
                 "604 steps, its own sweep, first round (seed 0, three half decades around the "
@@ -598,6 +606,17 @@ def page_squad() -> str:
                 "604 steps, third round (LoRA-SGD and LoRSum with 2 sweeps)",
                 also=SQUAD_ALSO,
             ),
+            summary_section(
+                "compare-full/squad-604-svdlora-s1-summary.json",
+                "604 steps, SVDLoRA's own sweep, first round (seed 0, around its SST-2 rate)",
+                also=SQUAD_ALSO,
+            ),
+            summary_section(
+                "compare-full/squad-604-svdlora-s2-summary.json",
+                "604 steps, SVDLoRA's own sweep, second round (seed 0, re-centred)",
+                also=SQUAD_ALSO,
+            ),
+            _figure("compare-full/squad-604-svdlora-s2-lr.png", "SVDLoRA at 604 steps: F1 vs rate"),
         ]
     )
 
