@@ -28,9 +28,11 @@ def test_an_unknown_mode_prints_the_usage_and_fails():
 
 def _owed_commands() -> list[tuple[str, list[str]]]:
     """Every ``compare`` and ``chain`` call of ``lanes-owed.sh``, recorded by stubs in bash."""
+    # One printf per call, so that the lines of lanes that run calls in the background (`&`)
+    # do not interleave.
     script = (
-        'compare() { printf "compare"; printf "\\x1f%s" "$@"; echo; }\n'
-        'chain() { printf "chain"; printf "\\x1f%s" "$@"; echo; }\n'
+        'compare() { local IFS=$\'\\x1f\'; printf "compare\\x1f%s\\n" "$*"; }\n'
+        'chain() { local IFS=$\'\\x1f\'; printf "chain\\x1f%s\\n" "$*"; }\n'
         f'source "{LEASE / "lanes-owed.sh"}"\n'
         'for lane in $(declare -F | grep -o "lane_[A-Za-z0-9_]*"); do "$lane"; done\n'
     )

@@ -19,9 +19,19 @@ FULL=(--size full --device cuda --data-dir "$DATA" --out-dir "$RESULTS/compare-f
 # cache); before SVDLoRA stepped its stacks in one batched SVD an LM run took 1,032 s with 2 to 12
 # sharing the H200. SVDLoRA alone on the GPU is 3 to 7 times faster than beside other runs: give
 # it a lease of its own.
+# Seed 0 at the quick rate, 0.03, is stored; the sweep's first round adds 0.01 and 0.1. Seeds 1
+# and 2 at 0.03 train beside that round rather than after it, so that the 4 runs share one wave:
+# 0.03 is also the full size's rate of LoRSum with 8 sweeps, the method nearest SVDLoRA's step,
+# and at 0.1 that one diverged (761.76). The chain then finds the round stored and goes on: it
+# re-centres the grid if the choice sits at an end, and trains the seeds of the chosen rate,
+# none if that is 0.03.
 lane_svdlora_lm() {
-  chain lm-full-own-svdlora -- --task lm "${FULL[@]}" --methods svdlora --jobs 3 \
-    --lr-from "$RESULTS/compare/lm-summary.json"
+  local lm=(--task lm "${FULL[@]}" --methods svdlora --jobs 2)
+  compare "${lm[@]}" --lr 0.03 --seeds 3 --name lm-full-own-svdlora-early-seeds &
+  compare "${lm[@]}" --lr-from "$RESULTS/compare/lm-summary.json" --lr-sweep-around=-1,0,1 \
+    --seeds 1 --name lm-full-own-svdlora-s1 &
+  wait
+  chain lm-full-own-svdlora -- "${lm[@]}" --lr-from "$RESULTS/compare/lm-summary.json"
 }
 
 # SST-2's own rate: its quick rate (0.1) collapses at the full size, so the sweep starts two half
