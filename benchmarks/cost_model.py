@@ -70,7 +70,9 @@ def step_cost(method: str, m: int, n: int, r: int, N: int, *, rows: bool | None 
 
     Args:
         method: ``adamw``, ``precond-sgd``, ``precond-adamw``, ``lorsum-x<k>`` (optionally
-            ``-momentum``), ``scaled-diagonal``, ``scaled-dense``, ``lora-pro`` or ``svdlora``.
+            ``-momentum``), ``scaled-diagonal``, ``scaled-dense``, ``lora-pro``, ``svdlora`` or
+            ``svdlora-gram`` (its float64 arithmetic counted as float32's: the model has one
+            rate).
         m, n, r, N: layer shape, rank and rows of the backward.
         rows: the captured gradient's form (default: the capture's fold policy).
 
@@ -101,11 +103,14 @@ def step_cost(method: str, m: int, n: int, r: int, N: int, *, rows: bool | None 
         return cost
     if method == "lora-pro":
         return adamw + StepCost(8 * r * m * n + 12 * m * n, 7 * m * n * BYTES)
-    if method == "svdlora":
+    if method in ("svdlora", "svdlora-gram"):
         big, small = max(m, n), min(m, n)
         form = 2 * r * m * n + (2 * N * m * n if rows else m * n)
-        svd = 4 * big * big * small + 8 * big * small * small + 9 * small**3
-        return StepCost(form + svd, 6 * m * n * BYTES)
+        if method == "svdlora":
+            decompose = 4 * big * big * small + 8 * big * small * small + 9 * small**3
+        else:  # the smaller Gram matrix, its eigendecomposition, the other side's r vectors
+            decompose = 2 * big * small * small + 9 * small**3 + 2 * r * m * n
+        return StepCost(form + decompose, 6 * m * n * BYTES)
     raise ValueError(f"unknown method {method!r}")
 
 

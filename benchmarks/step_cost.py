@@ -93,10 +93,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "scaled-dense": ("scaled_lorsum", {"lr": 1e-3, "metric": "kfac", "metric_form": "dense"}),
     "lora-pro": ("lora_pro", {"lr": 1e-4}),
     "svdlora": ("svdlora", {"lr": 1e-3}),
+    "svdlora-gram": ("svdlora", {"lr": 1e-3, "svd": "gram"}),
 }
 # Methods that form or decompose m × n matrices: left out of the axes where m = n is large on
 # a CPU (minutes per step), kept at the target point, which exists to show exactly that.
-DENSE_METHODS = ("scaled-dense", "lora-pro", "svdlora")
+DENSE_METHODS = ("scaled-dense", "lora-pro", "svdlora", "svdlora-gram")
 # The stacking part: each optimizer that stacks same-shape pairs, and the same one with
 # foreach=False (this suffix), every pair stepped alone.
 ALONE = "-alone"
@@ -107,6 +108,7 @@ STACKING_METHODS = (
     "scaled-diagonal",
     "lora-pro",
     "svdlora",
+    "svdlora-gram",
 )
 
 

@@ -33,7 +33,15 @@ def test_svdlora_is_cubic_and_lorsum_linear_in_the_width():
         return large / small
 
     assert ratio("svdlora") == pytest.approx(4**3, rel=0.1)
+    assert ratio("svdlora-gram") == pytest.approx(4**3, rel=0.1)
     assert ratio("lorsum-x1") == pytest.approx(4, rel=0.01)
+
+
+def test_the_gram_route_models_fewer_operations_than_the_svd():
+    # A square m × m decomposition: the SVD's 4m³ + 8m³ + 9m³ against the Gram's 2m³ + 9m³.
+    svd = cost_model.step_cost("svdlora", 1024, 1024, 16, 16, rows=True).flops
+    gram = cost_model.step_cost("svdlora-gram", 1024, 1024, 16, 16, rows=True).flops
+    assert gram / svd == pytest.approx(11 / 21, rel=0.05)
 
 
 def test_the_floor_is_the_larger_of_the_two_times():

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lorsum.functional import (
     FactoredSum,
     balanced_factors,
     best_rank_r,
+    gram_truncated_svd,
     randomized_svd,
     truncated_svd,
 )
@@ -73,6 +76,69 @@ def test_low_precision_input_is_decomposed_in_float32_and_returned_in_its_dtype(
     assert U.dtype == S.dtype == Vh.dtype == torch.bfloat16
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    m=st.integers(1, 24),
+    n=st.integers(1, 24),
+    rank=st.integers(1, 30),
+    stack=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_the_gram_route_gives_the_svds_projection_and_singular_values(m, n, rank, stack, seed):
+    M = torch.stack([randn(m, n, seed=seed + i) for i in range(stack)])
+    U, S, Vh = gram_truncated_svd(M, rank)
+    k = min(rank, m, n)
+    assert (U.shape, S.shape, Vh.shape) == ((stack, m, k), (stack, k), (stack, k, n))
+    _, s, _ = truncated_svd(M, rank)
+    # Singular values to float64's accuracy on the squared scale: ε₆₄ σ₁² / σ.
+    torch.testing.assert_close(S, s, rtol=0, atol=1e-12 * float(s.max()) + 1e-15)
+    scale = float(s.max()) + 1e-300
+    # The side found by division errs by about ε₆₄ (σ₁/σ_k)²: the Gram matrix's conditioning.
+    conditioning = float((s.max(-1).values / s.min(-1).values.clamp_min(1e-300)).max()) ** 2
+    tolerance = min(1e-12 * conditioning + 1e-10, 1.0)
+    for i in range(stack):
+        # The projection is unique where σ_k > σ_{k+1}: Gaussian matrices have that gap.
+        assert ref.rel_err((U[i] * S[i]) @ Vh[i], ref.best_rank(M[i], rank)) <= 1e-9
+        # Triplets, not just their product: M vᵢ = σᵢ uᵢ and Mᵀ uᵢ = σᵢ vᵢ, unit vectors.
+        atol = tolerance * scale
+        torch.testing.assert_close(M[i] @ Vh[i].T, U[i] * S[i], rtol=0, atol=atol)
+        torch.testing.assert_close(M[i].T @ U[i], Vh[i].T * S[i], rtol=0, atol=atol)
+        eye = torch.eye(k, dtype=M.dtype)
+        torch.testing.assert_close(U[i].T @ U[i], eye, rtol=0, atol=tolerance)
+        torch.testing.assert_close(Vh[i] @ Vh[i].T, eye, rtol=0, atol=tolerance)
+
+
+def test_the_gram_route_holds_a_wide_spectrum_closer_than_a_float32_svd():
+    # Singular values from 1 down to 1e-4: float64 inside absorbs the squared condition number,
+    # so the float32 result is as close to the truth as float32 rounding allows.
+    sv = torch.logspace(0, -4, 12, dtype=torch.float64)
+    P, Q = with_spectrum(60, 40, sv, seed=7)
+    M = (P @ Q).float()
+    truth = ref.best_rank(M.double(), 6)
+    U, S, Vh = gram_truncated_svd(M, 6)
+    u, s, vh = truncated_svd(M, 6)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    gram_error = ref.rel_err(((U * S) @ Vh).double(), truth)
+    assert gram_error <= 1e-6
+    assert gram_error <= ref.rel_err(((u * s) @ vh).double(), truth) * 1.5
+
+
+def test_the_gram_route_of_a_zero_matrix_is_zero_without_nan():
+    for shape in [(6, 4), (4, 6)]:
+        U, S, Vh = gram_truncated_svd(torch.zeros(shape, dtype=torch.float64), 2)
+        assert torch.equal(S, torch.zeros(2, dtype=torch.float64))
+        assert torch.equal((U * S) @ Vh, torch.zeros(shape, dtype=torch.float64))
+        assert torch.isfinite(U).all()
+        assert torch.isfinite(Vh).all()
+
+
+def test_the_gram_route_fails_loudly_on_a_non_finite_matrix():
+    M = randn(6, 4, seed=8)
+    M[0, 0] = float("nan")
+    with pytest.raises(torch.linalg.LinAlgError):
+        gram_truncated_svd(M, 2)
+
+
 @pytest.mark.parametrize("factored", [False, True])
 def test_randomized_svd_recovers_a_decaying_spectrum(factored):
     sv = 0.5 ** torch.arange(30, dtype=torch.float64)
@@ -99,6 +165,12 @@ def test_randomized_svd_is_deterministic_for_a_seeded_generator():
             lambda: truncated_svd(torch.ones(2, 3, 4, 5), 1),
             ValueError,
             r"M must be a matrix \(m, n\) or a stack of them \(G, m, n\), got shape \(2, 3, 4, 5\)",
+        ),
+        (lambda: gram_truncated_svd(randn(3, 3, seed=0), 0), ValueError, r"Invalid rank: 0"),
+        (
+            lambda: gram_truncated_svd(torch.ones(3), 1),
+            ValueError,
+            r"M must be a matrix \(m, n\) or a stack of them \(G, m, n\), got shape \(3,\)",
         ),
         (
             lambda: best_rank_r(torch.ones(3, 4, 5), 1),

@@ -217,7 +217,7 @@ def test_capture_based_methods_expose_their_capture_and_it_comes_off():
         (lambda m: lorsum.create_optimizer(m, "lorsum", max_grad_norm=0.0), ValueError,
          r"Invalid max_grad_norm: 0.0"),
         (lambda m: lorsum.create_optimizer(m, "svdlora", svd="full"), ValueError,
-         r"Invalid svd: 'full'"),
+         r"Invalid svd: 'full' \(must be one of 'exact', 'gram', 'randomized'\)"),
         (lambda m: lorsum.create_optimizer(m, "precond_sgd", order="random"), ValueError,
          r"Invalid order: 'random'"),
         (lambda m: lorsum.create_optimizer(m, "lorsum", dense_optimizer="lion"), ValueError,

@@ -41,6 +41,8 @@ HPARAMS = [
     {"lr": 0.2, "momentum": 0.5, "max_grad_norm": 0.05},
     {"lr": 0.2, "svd": "randomized", "oversamples": 2, "power_iters": 1},
     {"lr": 0.2, "svd": "randomized", "momentum": 0.9},
+    {"lr": 0.2, "svd": "gram"},
+    {"lr": 0.2, "svd": "gram", "momentum": 0.9, "weight_decay": 0.1},
 ]
 
 
@@ -53,12 +55,13 @@ def test_a_stacked_step_equals_the_pair_by_pair_step(hparams, micro_batches):
     _assert_close(stacked, alone)
 
 
-def test_the_stacked_step_is_the_projected_full_step():
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_the_stacked_step_is_the_projected_full_step(svd):
     # The oracle, in float64: each pair's s·B'A' is the best rank-r part of s·BA − η·G.
     model = three_plus_one(W, 6)
     pairs = lorsum.find_lora_pairs(model)
     before = [(pair.scaling * pair.B @ pair.A).detach().clone() for pair in pairs]
-    opt = lorsum.create_optimizer(model, "svdlora", lr=0.2)
+    opt = lorsum.create_optimizer(model, "svdlora", lr=0.2, svd=svd)
     x = torch.randn(8, W, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     model(x).square().mean().backward()
     gradients = [opt.capture.peek(pair.B).to_dense() / pair.scaling for pair in pairs]
@@ -66,6 +69,27 @@ def test_the_stacked_step_is_the_projected_full_step():
     for pair, W_ba, G in zip(pairs, before, gradients, strict=True):
         expected = lorsum.functional.best_rank_r(W_ba - 0.2 * G, pair.A.shape[0])
         torch.testing.assert_close(pair.scaling * pair.B @ pair.A, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_the_gram_route_trains_as_the_exact_svd_does():
+    # Both are the exact truncated SVD: over several steps with momentum the adapters' products
+    # and the momentum agree to float64 rounding, amplified only by the Gram matrix's squared
+    # conditioning. (Each direction's sign is the solver's own, so the factors may differ by
+    # the signs of their columns and rows; the next step reads only the product.)
+    hparams = {"lr": 0.2, "momentum": 0.9}
+    runs = [_train(True, {**hparams, "svd": svd}, steps=4) for svd in ("gram", "exact")]
+    (gram_model, gram_opt), (exact_model, exact_opt) = runs
+    pairs = zip(
+        lorsum.find_lora_pairs(gram_model), lorsum.find_lora_pairs(exact_model), strict=True
+    )
+    for ours, theirs in pairs:
+        torch.testing.assert_close(ours.B @ ours.A, theirs.B @ theirs.A, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(
+            gram_opt.state[ours.B]["momentum_buffer_dense"],
+            exact_opt.state[theirs.B]["momentum_buffer_dense"],
+            rtol=1e-7,
+            atol=1e-10,
+        )
 
 
 def test_same_shape_pairs_form_one_stack(stack_sizes):
@@ -87,8 +111,9 @@ def test_stacks_are_cut_where_their_dense_steps_pass_the_limit(stack_sizes, monk
     _assert_close(cut, pair_values(*_train(False, hparams, steps=2)))
 
 
-def test_a_non_finite_pair_is_skipped_alone_in_its_stack():
-    hparams = {"lr": 0.2, "momentum": 0.9}
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_a_non_finite_pair_is_skipped_alone_in_its_stack(svd):
+    hparams = {"lr": 0.2, "momentum": 0.9, "svd": svd}
     before = pair_values(*_train(True, hparams, steps=3))
     clean = pair_values(*_train(True, hparams, steps=4))
     model, opt = _train(True, hparams, steps=4, poison=1)
@@ -103,7 +128,12 @@ def test_a_non_finite_pair_is_skipped_alone_in_its_stack():
 
 
 @pytest.mark.parametrize(
-    ("svd", "function"), [("exact", "truncated_svd"), ("randomized", "randomized_svd")]
+    ("svd", "function"),
+    [
+        ("exact", "truncated_svd"),
+        ("gram", "gram_truncated_svd"),
+        ("randomized", "randomized_svd"),
+    ],
 )
 def test_a_member_whose_svd_fails_is_skipped_alone(monkeypatch, svd, function):
     # The batched call fails when any member fails; the members are then decomposed one by

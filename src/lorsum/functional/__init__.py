@@ -21,7 +21,13 @@ from lorsum.functional.metrics import (
 )
 from lorsum.functional.preconditioning import riemannian_precondition
 from lorsum.functional.sds import sds_activate, sds_refresh, sds_refresh_due
-from lorsum.functional.svd import balanced_factors, best_rank_r, randomized_svd, truncated_svd
+from lorsum.functional.svd import (
+    balanced_factors,
+    best_rank_r,
+    gram_truncated_svd,
+    randomized_svd,
+    truncated_svd,
+)
 from lorsum.functional.terms import FactoredSum, Term
 from lorsum.functional.trp import Truncation, energy_truncation, warm_energy_truncation
 
@@ -39,6 +45,7 @@ __all__ = [
     "energy_truncation",
     "equivalent_gradient",
     "feature_basis",
+    "gram_truncated_svd",
     "kfac_statistics",
     "ldu_matmul",
     "lora_pro_adam",

@@ -1,8 +1,8 @@
 """Truncated SVD: the dense Eckart–Young projection (SVDLoRA, oracles) and a randomized one.
 
-``best_rank_r`` and ``truncated_svd`` are dense by name: they take an ``(m, n)`` matrix. The
-randomized variant only multiplies its target by thin matrices, so it also runs on a
-:class:`~lorsum.functional.terms.FactoredSum` without forming it.
+``best_rank_r``, ``truncated_svd`` and ``gram_truncated_svd`` are dense by name: they take an
+``(m, n)`` matrix. The randomized variant only multiplies its target by thin matrices, so it also
+runs on a :class:`~lorsum.functional.terms.FactoredSum` without forming it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from torch import Tensor
 from lorsum.functional.linalg import default_compute_dtype
 from lorsum.functional.terms import FactoredSum, _check_matrix
 
-__all__ = ["balanced_factors", "best_rank_r", "randomized_svd", "truncated_svd"]
+__all__ = [
+    "balanced_factors",
+    "best_rank_r",
+    "gram_truncated_svd",
+    "randomized_svd",
+    "truncated_svd",
+]
 
 
 def truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,6 +44,52 @@ def truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     U, S, Vh = torch.linalg.svd(M.to(default_compute_dtype(M)), full_matrices=False)
     k = min(rank, S.shape[-1])
     return U[..., :k].to(M.dtype), S[..., :k].to(M.dtype), Vh[..., :k, :].to(M.dtype)
+
+
+def gram_truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-``rank`` singular triplets of a dense matrix (or stack), from the
+    eigendecomposition of its smaller Gram matrix, in float64.
+
+    For ``m <= n`` the left vectors are the top eigenvectors of ``M Mᵀ (m × m)``, the singular
+    values the roots of its eigenvalues, and ``Vh = Σ⁻¹ Uᵀ M``; for ``m > n`` the same from
+    ``Mᵀ M``. This is exact, not a sketch: the rank-``rank`` product ``U Σ Vh`` is the projection
+    of ``M`` onto the top eigenvectors' span, ``U Uᵀ M``. Squaring ``M`` squares its condition
+    number, which float64 absorbs: an eigenvalue's error is about ``ε₆₄ σ₁²``, so a singular
+    value ``σ`` keeps a relative error near ``ε₆₄ (σ₁/σ)²`` (1e-8 at ``σ = 10⁻⁴ σ₁``), below
+    float32's rounding, and the product is closer to the float64 truth than a float32 SVD's.
+    An eigendecomposition of ``min(m, n)²`` costs less than an SVD of ``m × n``.
+
+    A direction whose singular value is zero has a zero vector on the side found by division.
+
+    Args:
+        M: ``(m, n)`` dense matrix, or ``(G, m, n)``: ``G`` of them. Its device must support
+            float64 (CPU and CUDA do, MPS does not).
+        rank: ``1 <= rank``; values above ``min(m, n)`` keep every triplet.
+
+    Returns:
+        ``U (…, m, k)``, ``S (…, k)`` (descending), ``Vh (…, k, n)`` with
+        ``k = min(rank, m, n)``, in the dtype of ``M``.
+
+    Raises:
+        ValueError: ``M`` neither 2-d nor 3-d, or ``rank < 1``.
+        torch.linalg.LinAlgError: the eigendecomposition did not converge (a non-finite ``M``).
+    """
+    M = _check_matrix_or_stack("M", M)
+    _check_rank(rank)
+    m, n = M.shape[-2:]
+    k = min(rank, m, n)
+    X = M.to(torch.float64)
+    wide = m <= n
+    gram = X @ X.mT if wide else X.mT @ X  # (…, p, p), p = min(m, n)
+    values, vectors = torch.linalg.eigh(gram)  # ascending
+    values, vectors = values[..., -k:].flip(-1), vectors[..., -k:].flip(-1)
+    S = values.clamp_min(0).sqrt()
+    inverse = torch.where(S > 0, 1 / S, torch.zeros_like(S))
+    if wide:
+        U, Vh = vectors, inverse.unsqueeze(-1) * (vectors.mT @ X)
+    else:
+        U, Vh = (X @ vectors) * inverse.unsqueeze(-2), vectors.mT
+    return U.to(M.dtype), S.to(M.dtype), Vh.to(M.dtype)
 
 
 def best_rank_r(M: Tensor, rank: int) -> Tensor:

@@ -13,6 +13,7 @@ from lorsum.functional import (
     FactoredSum,
     balanced_factors,
     default_compute_dtype,
+    gram_truncated_svd,
     randomized_svd,
     truncated_svd,
 )
@@ -54,23 +55,29 @@ class SVDLoRA(LoRAOptimizer):
     reference every LoRA optimizer is compared against.
 
     Cost, stated plainly: ``svd="exact"`` forms the ``m × n`` step and runs a full SVD,
-    ``O(m n min(m, n))`` per layer per step. ``svd="randomized"`` runs a range finder on the
-    factored step instead (``2·(power_iters + 1)`` products with ``r + oversamples`` vectors;
-    nothing ``m × n`` is formed without momentum). ``momentum > 0`` keeps a dense ``m × n``
-    momentum buffer per layer (``state[B]["momentum_buffer_dense"]``), as the reference does.
+    ``O(m n min(m, n))`` per layer per step. ``svd="gram"`` forms it too and takes the same exact
+    top-r triplets from the eigendecomposition of its smaller Gram matrix in float64 (see
+    :func:`~lorsum.functional.gram_truncated_svd`): the same order of arithmetic, but an
+    eigendecomposition of ``min(m, n)²`` in place of an SVD of ``m × n``. ``svd="randomized"``
+    runs a range finder on the factored step instead (``2·(power_iters + 1)`` products with
+    ``r + oversamples`` vectors; nothing ``m × n`` is formed without momentum). ``momentum > 0``
+    keeps a dense ``m × n`` momentum buffer per layer (``state[B]["momentum_buffer_dense"]``),
+    as the reference does.
 
     Args:
         params: param groups from :func:`lorsum.pair_param_groups` (and dense groups).
         lr: ``η`` (default: 1e-3), an SGD learning rate on ``W``.
         momentum: ``β`` in ``[0, 1)`` (default: 0).
         weight_decay: decoupled weight decay on ``s·B A`` (default: 0).
-        svd: ``"exact"`` (default) or ``"randomized"``.
+        svd: ``"exact"`` (default), ``"gram"`` (exact too, through the float64 Gram matrix;
+            not on MPS, which has no float64) or ``"randomized"``.
         oversamples, power_iters: of the randomized range finder (defaults: 10 and 2).
         foreach: step pairs of equal shapes, dtypes and hyperparameters as one stack
-            (default: True): their steps go through one batched SVD (``"exact"``) or one
-            batched range finder (``"randomized"``, whose stacks also share a step count, the
-            probes' seed). A stack is cut where its members' ``m × n`` steps pass ``2**22``
-            numbers (16 MiB in float32). ``False`` steps pair by pair.
+            (default: True): their steps go through one batched SVD (``"exact"``), one batched
+            eigendecomposition (``"gram"``) or one batched range finder (``"randomized"``,
+            whose stacks also share a step count, the probes' seed). A stack is cut where its
+            members' ``m × n`` steps pass ``2**22`` numbers (16 MiB in float32). ``False``
+            steps pair by pair.
         capture: the :class:`~lorsum.GradientCapture` recording every pair's full gradient.
         max_grad_norm: global clipping of the full gradients (see :class:`LoRAOptimizer`).
         nonfinite: ``"skip_pair"`` (default) or ``"skip_all"`` (see
@@ -130,7 +137,7 @@ class SVDLoRA(LoRAOptimizer):
     def _check_lora_hyperparameters(self, group: dict[str, Any]) -> None:
         super()._check_lora_hyperparameters(group)
         _check_fraction(group, "momentum")
-        _check_choice(group, "svd", ("exact", "randomized"))
+        _check_choice(group, "svd", ("exact", "gram", "randomized"))
         _check_count(group, "oversamples", minimum=0)
         _check_count(group, "power_iters", minimum=0)
         _check_bool(group, "foreach")
@@ -194,6 +201,8 @@ class SVDLoRA(LoRAOptimizer):
         steps = FactoredSum.from_terms(terms, weights, shape, batch=batch, dtype=dtype)
         if group["svd"] == "exact":
             U, S, Vh = _stacked_svds(lambda T: truncated_svd(T.to_dense(), rank), steps, rank)
+        elif group["svd"] == "gram":
+            U, S, Vh = _stacked_svds(lambda T: gram_truncated_svd(T.to_dense(), rank), steps, rank)
         else:  # the range finder on the factored steps, seeded by the stack's step count
             seed = _step_count(states[0])
             U, S, Vh = _stacked_svds(lambda T: _randomized(group, T, rank, seed), steps, rank)
