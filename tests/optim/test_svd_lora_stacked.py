@@ -13,6 +13,7 @@ from lorsum.optim import svd_lora as svd_lora_module
 from tests.optim.stacks import (
     assert_pairs_close,
     pair_values,
+    poison_captured,
     record_stack_sizes,
     three_plus_one,
     train,
@@ -69,6 +70,35 @@ def test_the_stacked_step_is_the_projected_full_step(svd):
     for pair, W_ba, G in zip(pairs, before, gradients, strict=True):
         expected = lorsum.functional.best_rank_r(W_ba - 0.2 * G, pair.A.shape[0])
         torch.testing.assert_close(pair.scaling * pair.B @ pair.A, expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+def test_a_cuda_step_projects_the_full_step_and_skips_a_non_finite_pair_alone(svd):
+    # On CUDA a solver may return NaN for a non-finite input where the CPU's raises: either way
+    # only that member keeps its factors, and the others take the float64 oracle's step.
+    model = three_plus_one(W, 6).cuda()
+    pairs = lorsum.find_lora_pairs(model)
+    before = [(pair.scaling * pair.B @ pair.A).detach().cpu() for pair in pairs]
+    factors = [(pair.B.detach().clone(), pair.A.detach().clone()) for pair in pairs]
+    opt = lorsum.create_optimizer(model, "svdlora", lr=0.2, svd=svd)
+    x = torch.randn(8, W, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    model(x.cuda()).square().mean().backward()
+    gradients = [opt.capture.peek(pair.B).to_dense().cpu() / pair.scaling for pair in pairs]
+    poison_captured(opt, 1)
+    opt.step()
+    for i, (pair, W_ba, G) in enumerate(zip(pairs, before, gradients, strict=True)):
+        if i == 1:
+            assert torch.equal(pair.B, factors[i][0])
+            assert torch.equal(pair.A, factors[i][1])
+            continue
+        expected = lorsum.functional.best_rank_r(W_ba - 0.2 * G, pair.A.shape[0])
+        torch.testing.assert_close(
+            (pair.scaling * pair.B @ pair.A).cpu(), expected, rtol=1e-9, atol=1e-12
+        )
+    skipped = [int(opt.state[pair.B].get("skipped_steps", 0)) for pair in pairs]
+    assert skipped == [0, 1, 0, 0]
 
 
 def test_the_gram_route_trains_as_the_exact_svd_does():
