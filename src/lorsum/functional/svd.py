@@ -52,12 +52,13 @@ def gram_truncated_svd(M: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
 
     For ``m <= n`` the left vectors are the top eigenvectors of ``M Mᵀ (m × m)``, the singular
     values the roots of its eigenvalues, and ``Vh = Σ⁻¹ Uᵀ M``; for ``m > n`` the same from
-    ``Mᵀ M``. This is exact, not a sketch: the rank-``rank`` product ``U Σ Vh`` is the projection
-    of ``M`` onto the top eigenvectors' span, ``U Uᵀ M``. Squaring ``M`` squares its condition
-    number, which float64 absorbs: an eigenvalue's error is about ``ε₆₄ σ₁²``, so a singular
-    value ``σ`` keeps a relative error near ``ε₆₄ (σ₁/σ)²`` (1e-8 at ``σ = 10⁻⁴ σ₁``), below
-    float32's rounding, and the product is closer to the float64 truth than a float32 SVD's.
-    An eigendecomposition of ``min(m, n)²`` costs less than an SVD of ``m × n``.
+    ``Mᵀ M``. This is exact, not a sketch: the rank-``rank`` product ``U Σ Vh`` is the
+    projection of ``M`` onto the top eigenvectors' span, ``U Uᵀ M`` (``M V Vᵀ`` for ``m > n``).
+    Squaring ``M`` squares its condition number, which float64 absorbs: an eigenvalue's error
+    is about ``ε₆₄ σ₁²``, so a singular value ``σ`` keeps a relative error near
+    ``ε₆₄ (σ₁/σ)²`` (2e-8 at ``σ = 10⁻⁴ σ₁``), below float32's rounding, and the product is
+    closer to the float64 truth than a float32 SVD's. An eigendecomposition of ``min(m, n)²``
+    costs less than an SVD of ``m × n``.
 
     A direction whose singular value is zero has a zero vector on the side found by division.
 
