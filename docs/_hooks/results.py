@@ -526,6 +526,14 @@ def page_lm() -> str:
             ),
             _figure("compare-full/lm-full-own-tuned.png", "Full size, own rates: training curves"),
             summary_section(
+                "compare-full/lm-full-own-svdlora-tuned-summary.json",
+                "Full size, SVDLoRA at its own rate: 3 seeds",
+            ),
+            summary_section(
+                "compare-full/lm-full-own-svdlora-early-seeds-summary.json",
+                "Full size, SVDLoRA at its quick rate: 3 seeds",
+            ),
+            summary_section(
                 "compare-full/lm-full-own-s1-summary.json",
                 "Full size, its own sweep, first round (seed 0, three half decades around the "
                 "quick rates)",
@@ -538,6 +546,17 @@ def page_lm() -> str:
             ),
             _figure(
                 "compare-full/lm-full-own-s2-lr.png", "Full size, second round: perplexity vs rate"
+            ),
+            summary_section(
+                "compare-full/lm-full-own-svdlora-s1-summary.json",
+                "Full size, SVDLoRA's own sweep, first round (seed 0, around its quick rate)",
+            ),
+            summary_section(
+                "compare-full/lm-full-own-svdlora-s2-summary.json",
+                "Full size, SVDLoRA's own sweep, second round (seed 0, re-centred)",
+            ),
+            _figure(
+                "compare-full/lm-full-own-svdlora-s2-lr.png", "SVDLoRA, full size: perplexity vs lr"
             ),
             summary_section("compare-lr-sweep/lm-summary.json", "Quick-size learning-rate sweep"),
             summary_section(
